@@ -1,0 +1,338 @@
+"""PEFT LoRA adapters in and out, and a validated collection of them.
+
+An adapter is read from a PEFT directory (`adapter_config.json` + `adapter_model.safetensors`).
+Its scaling (`lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`, per-module
+overrides from `alpha_pattern`) is folded into `lora_B`, so that for every slot
+`ΔW = lora_B @ lora_A` and adapters of different rank and alpha compress together.
+
+A *slot* is one adapted linear layer, named by its PEFT key prefix, e.g.
+`base_model.model.model.layers.0.self_attn.q_proj`; its tensors are `<slot>.lora_A.weight`
+(r, in_features) and `<slot>.lora_B.weight` (out_features, r).
+
+Pickled weights (`adapter_model.bin`) are never loaded: they can run code on load.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+_A_SUFFIX = ".lora_A.weight"
+_B_SUFFIX = ".lora_B.weight"
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    """One adapted linear layer: its PEFT key prefix and its shape."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class LoraAdapter:
+    """A LoRA adapter held as per-slot factors with the scaling folded into `lora_B`."""
+
+    name: str
+    """Unique name in a collection (the directory name by default)."""
+    config: dict
+    """`adapter_config.json` as read; kept so exports carry the original metadata."""
+    lora_A: dict[str, torch.Tensor]
+    """slot -> (r, in_features)"""
+    lora_B: dict[str, torch.Tensor]
+    """slot -> (out_features, r), already multiplied by the scaling"""
+    dtype: torch.dtype = torch.float32
+    """dtype the weights were stored in."""
+    path: Path | None = None
+
+    @property
+    def slots(self) -> dict[str, SlotInfo]:
+        return {s: SlotInfo(s, a.shape[1], self.lora_B[s].shape[0]) for s, a in self.lora_A.items()}
+
+    @property
+    def r(self) -> int:
+        return int(self.config.get("r", max(a.shape[0] for a in self.lora_A.values())))
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.config.get("lora_alpha", self.r))
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    @property
+    def alora_invocation_tokens(self) -> list[int] | None:
+        return self.config.get("alora_invocation_tokens")
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def delta(self, slot: str) -> torch.Tensor:
+        """The dense update ΔW = B A of one slot, (out_features, in_features). Small shapes only."""
+        return self.lora_B[slot].float() @ self.lora_A[slot].float()
+
+    def num_parameters(self) -> int:
+        return sum(a.numel() + self.lora_B[s].numel() for s, a in self.lora_A.items())
+
+
+def module_name(slot: str) -> str:
+    """`base_model.model.model.layers.0.self_attn.q_proj` -> `model.layers.0.self_attn.q_proj`."""
+    return slot[len(_PEFT_PREFIX) :] if slot.startswith(_PEFT_PREFIX) else slot
+
+
+def _pattern_value(patterns: dict, slot: str, default):
+    # Same matching rule as peft.utils.other.get_pattern_key.
+    name = module_name(slot)
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def lora_scaling(config: dict, slot: str, r: int) -> float:
+    """The factor peft multiplies `lora_B @ lora_A` by for this slot."""
+    alpha = float(_pattern_value(config.get("alpha_pattern"), slot, config.get("lora_alpha", r)))
+    return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
+
+
+def _read_config(path: Path) -> dict:
+    cfg_path = path / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ValueError(f"{path}: not a PEFT adapter directory (no {CONFIG_NAME})")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type is {peft_type!r}; only LORA adapters are supported")
+    if config.get("use_dora"):
+        raise ValueError(f"{cfg_path}: DoRA adapters (use_dora=true) are not supported")
+    return config
+
+
+def load_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapter:
+    """Read a PEFT LoRA directory; validate shapes and values; fold the scaling into `lora_B`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"adapter directory not found: {path}")
+    config = _read_config(path)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        pickles = [path / p for p in PICKLE_NAMES if (path / p).is_file()]
+        if pickles:
+            raise ValueError(
+                f"{pickles[0]}: pickle weights are refused (loading them can run arbitrary code); "
+                f"convert the adapter to {WEIGHTS_NAME}"
+            )
+        raise ValueError(f"{path}: no {WEIGHTS_NAME}")
+
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{weights}: corrupt safetensors file ({e})") from None
+
+    lora_A, lora_B = {}, {}
+    for key, t in tensors.items():
+        if key.endswith(_A_SUFFIX):
+            lora_A[key[: -len(_A_SUFFIX)]] = t
+        elif key.endswith(_B_SUFFIX):
+            lora_B[key[: -len(_B_SUFFIX)]] = t
+        else:
+            raise ValueError(
+                f"{weights}: unsupported tensor {key!r}; only lora_A/lora_B weights of linear "
+                "layers are supported (no embeddings, DoRA magnitudes, biases or modules_to_save)"
+            )
+    if not lora_A:
+        raise ValueError(f"{weights}: no LoRA weights found")
+    if set(lora_A) != set(lora_B):
+        missing = sorted(set(lora_A) ^ set(lora_B))[0]
+        raise ValueError(f"{weights}: slot {missing!r} has only one of lora_A / lora_B")
+
+    dtype = next(iter(lora_A.values())).dtype
+    for slot in sorted(lora_A):
+        a, b = lora_A[slot], lora_B[slot]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"{weights}: slot {slot!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                "expected (r, in_features) and (out_features, r)"
+            )
+        if not a.is_floating_point() or not b.is_floating_point():
+            raise ValueError(f"{weights}: slot {slot!r} has non-float weights ({a.dtype})")
+        a, b = a.float(), b.float()
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise ValueError(f"{weights}: slot {slot!r} has NaN or Inf weights")
+        lora_A[slot] = a
+        lora_B[slot] = b * lora_scaling(config, slot, a.shape[0])
+    return LoraAdapter(name or path.name, config, lora_A, lora_B, dtype=dtype, path=path)
+
+
+def save_adapter(
+    path: str | os.PathLike,
+    lora_A: dict[str, torch.Tensor],
+    lora_B: dict[str, torch.Tensor],
+    config: dict,
+    dtype: torch.dtype = torch.float32,
+    lora_alpha: float | None = None,
+) -> Path:
+    """Write a PEFT directory whose scaled `lora_B @ lora_A` equals the given (scaled) factors.
+
+    `config` is a template (usually the original adapter's); rank and alpha are rewritten so
+    that peft's scaling is exactly 1 for every slot, or, with `lora_alpha` (one rank only),
+    `lora_B` is stored divided by `lora_alpha / r`. Written to a temp dir, then renamed.
+    """
+    path = Path(path)
+    if path.exists():
+        raise ValueError(f"output directory already exists: {path}")
+    ranks = {s: a.shape[0] for s, a in lora_A.items()}
+    r = max(ranks.values())
+    cfg = {k: v for k, v in config.items() if k not in ("rank_pattern", "alpha_pattern")}
+    cfg.update(r=r, lora_alpha=r, use_rslora=False, rank_pattern={}, alpha_pattern={}, peft_type="LORA")
+    odd = {module_name(s): k for s, k in ranks.items() if k != r}
+    scaling = 1.0
+    if lora_alpha is not None:
+        if odd:
+            raise ValueError("lora_alpha can only be set when every slot has the same rank")
+        cfg["lora_alpha"], scaling = lora_alpha, lora_alpha / r
+    if odd:  # per-module rank with alpha = rank keeps scaling 1
+        cfg["rank_pattern"] = {re.escape(m): k for m, k in odd.items()}
+        cfg["alpha_pattern"] = {re.escape(m): k for m, k in odd.items()}
+    tensors = {}
+    for s in lora_A:
+        tensors[s + _A_SUFFIX] = lora_A[s].to(dtype).contiguous()
+        tensors[s + _B_SUFFIX] = (lora_B[s] / scaling).to(dtype).contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=list))
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def find_adapter_dirs(inputs: list[str]) -> list[Path]:
+    """Expand CLI inputs: adapter directories, globs, or directories of adapter directories."""
+    found: list[Path] = []
+    for item in inputs:
+        if any(c in item for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(item))
+            dirs = [p for p in matches if (p / CONFIG_NAME).is_file()]
+            if not dirs:
+                raise ValueError(f"no PEFT adapter directories match {item!r}")
+            found += dirs
+            continue
+        p = Path(item)
+        if not p.is_dir():
+            raise ValueError(f"adapter directory not found: {item}")
+        if (p / CONFIG_NAME).is_file():
+            found.append(p)
+            continue
+        children = sorted(c for c in p.iterdir() if (c / CONFIG_NAME).is_file())
+        if not children:
+            raise ValueError(f"{item}: not a PEFT adapter directory and contains none")
+        found += children
+    if not found:
+        raise ValueError("no adapter directories given")
+    return found
+
+
+@dataclass
+class Collection:
+    """Validated adapters over a common set of slots; stacks per-slot factors on demand."""
+
+    adapters: list[LoraAdapter]
+    slots: list[SlotInfo] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.adapters:
+            raise ValueError("a collection needs at least one adapter")
+        names = [a.name for a in self.adapters]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ValueError(f"two adapters are named {dup!r}; adapter names must be unique")
+        self.slots = union_slots(self.adapters)
+        bases = {a.base_model_name_or_path for a in self.adapters}
+        if len(bases) > 1:
+            warnings.warn(f"adapters name different base models: {sorted(map(str, bases))}", stacklevel=2)
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+    def factors(self, slot: str, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked, zero-padded factors of one slot: A (n, r_max, d_in), B (n, d_out, r_max).
+
+        An adapter that does not adapt this slot contributes zeros (ΔW = 0).
+        """
+        info = next(s for s in self.slots if s.name == slot)
+        r_max = max(a.lora_A[slot].shape[0] if slot in a.lora_A else 0 for a in self.adapters)
+        n = len(self.adapters)
+        A = torch.zeros(n, r_max, info.in_features)
+        B = torch.zeros(n, info.out_features, r_max)
+        for i, ad in enumerate(self.adapters):
+            if slot in ad.lora_A:
+                r = ad.lora_A[slot].shape[0]
+                A[i, :r] = ad.lora_A[slot]
+                B[i, :, :r] = ad.lora_B[slot]
+        return A.to(device), B.to(device)
+
+
+def union_slots(adapters: list[LoraAdapter]) -> list[SlotInfo]:
+    """All slots any adapter adapts, checking that every adapter agrees on each slot's shape."""
+    seen: dict[str, tuple[SlotInfo, str]] = {}
+    for ad in adapters:
+        for s, info in ad.slots.items():
+            if s in seen and seen[s][0] != info:
+                first, owner = seen[s]
+                raise ValueError(
+                    f"adapter {ad.name!r} slot {s!r} has shape "
+                    f"(out={info.out_features}, in={info.in_features}) but adapter {owner!r} has "
+                    f"(out={first.out_features}, in={first.in_features})"
+                )
+            seen.setdefault(s, (info, ad.name))
+    return [seen[s][0] for s in sorted(seen, key=_natural_key)]
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def load_collection(inputs: list[str | os.PathLike], progress=None) -> Collection:
+    """Load every adapter the inputs name (see `find_adapter_dirs`) into a validated collection."""
+    dirs = find_adapter_dirs([str(i) for i in inputs])
+    adapters = []
+    for d in dirs:
+        adapters.append(load_adapter(d))
+        if progress is not None:
+            progress(1)
+    return Collection(adapters)

@@ -1,0 +1,69 @@
+"""The `kilolora` command: a map from command names to plain functions.
+
+Each function's signature and docstring are its `--help` (see `_args.py`). Bad input raises
+ValueError inside a command; here it becomes one `kilolora: error: ...` line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable
+
+from . import bank as bank_cmds
+from ._args import add_function
+
+COMMANDS: dict[str, Callable] = {
+    "compress": bank_cmds.compress,
+    "bank info": bank_cmds.bank_info,
+    "bank export": bank_cmds.bank_export,
+    "bank add": bank_cmds.bank_add,
+    "make-collection": bank_cmds.make_collection,
+}
+
+GROUPS = {"bank": "inspect, export and grow a compressed adapter bank"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kilolora",
+        description="Compress hundreds of LoRA adapters into one shared-basis bank and serve them.",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, fn in COMMANDS.items():
+        if " " in name:
+            group, leaf = name.split(" ", 1)
+            if group not in groups:
+                gp = sub.add_parser(group, help=GROUPS.get(group, ""), description=GROUPS.get(group))
+                groups[group] = gp.add_subparsers(title=f"{group} commands", metavar="COMMAND", required=True)
+            add_function(groups[group], leaf, fn)
+        else:
+            add_function(sub, name, fn)
+    return parser
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"kilolora: warning: {message}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    fn = args.pop("_fn")
+    warnings.formatwarning = _one_line_warning
+    try:
+        fn(**args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"kilolora: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("kilolora: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
