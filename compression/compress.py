@@ -158,7 +158,8 @@ def _fit_clusters(factors, assign, cfg, iters, warm, gen, report, phase):
         for k in range(K):
             idx = members[k]
             init = warm[s][k] if warm is not None else None
-            fit = jd.FITS[cfg.method](A[idx], B[idx], cfg.rank, iters, cfg.tol, init=init, generator=gen)
+            Ak, Bk = (A, B) if K == 1 else (A[idx], B[idx])  # indexing copies: skip it for K=1
+            fit = jd.FITS[cfg.method](Ak, Bk, cfg.rank, iters, cfg.tol, init=init, generator=gen)
             Us.append(fit.U)
             Vs.append(fit.V)
             if cores is None:

@@ -103,11 +103,15 @@ def _krylov(M, r, init, generator, blocks):
         Y = M.apply(basis[-1])
         images.append(Y)
         Q = torch.cat(basis, 1)
-        Y = Y - Q @ (Q.T @ Y)
-        Y = Y - Q @ (Q.T @ Y)
         if Q.shape[1] + Y.shape[1] > d:
             break
-        basis.append(_orth(Y))
+        # Project out the basis so far and normalise, until orthogonal: when M has low rank the
+        # projected block is rounding noise that still leans on Q after one or two passes.
+        for _ in range(4):
+            Y = _orth(Y - Q @ (Q.T @ Y))
+            if (Q.T @ Y).abs().max() < 1e-6:
+                break
+        basis.append(Y)
     if len(images) < len(basis):
         images.append(M.apply(basis[-1]))
     Q = torch.cat(basis, 1)  # (d, k)

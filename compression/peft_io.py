@@ -35,6 +35,8 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
 _PEFT_PREFIX = "base_model.model."
+PEFT_DEFAULT_ALPHA = 8
+"""peft.LoraConfig's default lora_alpha, which applies when a config file omits it."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class LoraAdapter:
 
     @property
     def lora_alpha(self) -> float:
-        return float(self.config.get("lora_alpha", self.r))
+        return float(self.config.get("lora_alpha", PEFT_DEFAULT_ALPHA))
 
     @property
     def use_rslora(self) -> bool:
@@ -110,7 +112,7 @@ def _pattern_value(patterns: dict, slot: str, default):
 
 def lora_scaling(config: dict, slot: str, r: int) -> float:
     """The factor peft multiplies `lora_B @ lora_A` by for this slot."""
-    alpha = float(_pattern_value(config.get("alpha_pattern"), slot, config.get("lora_alpha", r)))
+    alpha = float(_pattern_value(config.get("alpha_pattern"), slot, config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
     return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
 
 
@@ -327,12 +329,21 @@ def _natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
+def adapter_names(dirs: list[Path]) -> list[str]:
+    """Directory names, or paths below the common parent where names repeat (`runs/*/adapter`)."""
+    names = [d.name for d in dirs]
+    if len(set(names)) == len(names):
+        return names
+    root = Path(os.path.commonpath([d.resolve() for d in dirs]))
+    return [d.resolve().relative_to(root).as_posix() or d.name for d in dirs]
+
+
 def load_collection(inputs: list[str | os.PathLike], progress=None) -> Collection:
     """Load every adapter the inputs name (see `find_adapter_dirs`) into a validated collection."""
     dirs = find_adapter_dirs([str(i) for i in inputs])
     adapters = []
-    for d in dirs:
-        adapters.append(load_adapter(d))
+    for d, name in zip(dirs, adapter_names(dirs)):
+        adapters.append(load_adapter(d, name))
         if progress is not None:
             progress(1)
     return Collection(adapters)
