@@ -3,8 +3,9 @@
 Measures, per collection size n and method (per-adapter svd, jd-full, jd-diag, jd-full with K
 clusters): parameters before / after, reconstruction error (relative Frobenius, per adapter),
 wall time of the compress call, and peak memory. Every (n, method) runs in a fresh subprocess
-that generates its own data from the seed, so its peak RSS (`ru_maxrss`) belongs to that one
-configuration. The svd baseline is the comparator: "time vs svd" is time / svd time and
+that generates its own data from the seed, so its peak RSS (`ru_maxrss`, which includes the
+generated input and the imports) belongs to that one configuration; the JSON also has the RSS just
+before compress. The svd baseline is the comparator: "time vs svd" is time / svd time and
 "saved vs svd" is 1 − params after / svd params after, both at the same n.
 
 Adapters are r=16 LoRAs on q (4096→4096), k and v (4096→1024) of every layer, built in memory
@@ -112,13 +113,14 @@ def worker(job: dict) -> dict:
     rss_before = _rss_mb()
     if job["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu_times = [], []
     for _ in range(job["repeats"]):
         _sync(job["device"])
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         bank = compress(coll, cfg)
         _sync(job["device"])
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)  # wall ≫ cpu / threads means the process was descheduled
     stats = bank.stats()
     return {
         "n": job["n"],
@@ -128,6 +130,7 @@ def worker(job: dict) -> dict:
         "cluster_sizes": stats["cluster_sizes"],
         "time_s": statistics.median(times),
         "times_s": times,
+        "cpu_times_s": cpu_times,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # ru_maxrss is KB on Linux
         "rss_before_compress_mb": rss_before,
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if job["device"].startswith("cuda") else None,
@@ -209,8 +212,10 @@ def main(argv=None) -> None:
     smallest = args.hidden if args.modules == ["q"] else args.hidden // 4
     if not 1 <= args.rank <= smallest:
         p.error(f"--rank must be between 1 and the smallest slot dimension ({smallest}); got {args.rank}")
-    if min(args.n) < 1 or args.repeats < 1:
-        p.error(f"--n and --repeats must be >= 1; got n={args.n}, repeats={args.repeats}")
+    if min(args.n) < 1 or min(args.repeats, args.layers, args.groups, args.shared_rank) < 1:
+        p.error("--n, --repeats, --layers, --groups and --shared-rank must be >= 1; "
+                f"got n={args.n}, repeats={args.repeats}, layers={args.layers}, groups={args.groups}, "
+                f"shared_rank={args.shared_rank}")
 
     gpu = f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") and torch.cuda.is_available() else ""
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),

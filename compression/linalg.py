@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-EXACT_MAX_DIM = 1536
-"""Form M (or its n·w Gram) explicitly and solve exactly when it is at most this wide."""
+EXACT_MAX_DIM = 512
+"""Solve exactly (eigh in float64 of M or of its n·w Gram, whichever is smaller) up to this
+size; beyond it eigh costs more than a few Krylov passes and its time varies a lot on CPUs."""
 
 
 class FactoredGram:
@@ -67,22 +68,21 @@ def top_subspace(
     """
     d = M.dim
     assert 0 < r <= d
-    if d <= EXACT_MAX_DIM:
-        P = M.factor().double()
-        evals, evecs = torch.linalg.eigh(P @ P.T)
+    if min(d, M.width) > EXACT_MAX_DIM:
+        return _krylov(M, r, init, generator, krylov_blocks)
+    P = M.factor().double()  # (d, n·w)
+    if d <= M.width:
+        _, evecs = torch.linalg.eigh(P @ P.T)
         return evecs[:, -r:].flip(-1).to(M.L.dtype).contiguous()
-    if M.width <= EXACT_MAX_DIM:
-        # Left singular vectors of P from the small Gram PᵀP: U = P W Λ^{-1/2}.
-        P = M.factor().double()
-        evals, evecs = torch.linalg.eigh(P.T @ P)
-        evals, evecs = evals[-r:].flip(-1), evecs[:, -r:].flip(-1)
-        keep = evals > 1e-12 * evals[0].clamp_min(1e-300)  # M may have rank < r
-        U = P @ (evecs[:, keep] / evals[keep].sqrt())
-        if int(keep.sum()) < r:
-            U = torch.cat([U, _random(d, r, M.L, generator).double()], 1)
-            U = torch.linalg.qr(U)[0][:, :r]
-        return _orth(U).to(M.L.dtype).contiguous()
-    return _krylov(M, r, init, generator, krylov_blocks)
+    # Left singular vectors of P from the small Gram PᵀP: U = P W Λ^{-1/2}.
+    evals, evecs = torch.linalg.eigh(P.T @ P)
+    evals, evecs = evals[-r:].flip(-1), evecs[:, -r:].flip(-1)
+    keep = evals > 1e-12 * evals[0].clamp_min(1e-300)  # M may have rank < r
+    U = P @ (evecs[:, keep] / evals[keep].sqrt())
+    if int(keep.sum()) < r:
+        U = torch.cat([U, _random(d, r, M.L, generator).double()], 1)
+        U = torch.linalg.qr(U)[0][:, :r]
+    return _orth(U).to(M.L.dtype).contiguous()
 
 
 def _random(d: int, p: int, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
