@@ -1,4 +1,7 @@
-"""`kilolora compress` and `kilolora bank ...`: build, inspect, export and grow adapter banks."""
+"""`kilolora compress` and `kilolora bank ...`: build, inspect, export and grow adapter banks.
+
+`compression` (and so torch) is imported inside the commands: `kilolora --help` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +9,14 @@ import json as jsonlib
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from compression import Bank, CompressConfig, load_adapter, load_collection
-from compression import compress as compress_collection
-from compression.peft_io import find_adapter_dirs
-from compression.synthetic import PlantedSpec, write_planted
+if TYPE_CHECKING:
+    from compression import Bank
 
 err_console = Console(stderr=True)
 
@@ -69,6 +70,10 @@ def compress(
       overwrite: replace an existing output directory.
       json: print the summary as JSON on stdout.
     """
+    from compression import CompressConfig, load_collection
+    from compression import compress as compress_collection
+    from compression.peft_io import find_adapter_dirs
+
     out_path = Path(out)
     if out_path.exists() and not overwrite:
         raise ValueError(f"output directory already exists: {out} (pass --overwrite to replace it)")
@@ -102,6 +107,8 @@ def bank_info(bank_dir: str, json: bool = False, top: int = 10) -> None:
       json: print bank statistics and adapters as JSON.
       top: how many adapters with the largest errors to list.
     """
+    from compression import Bank
+
     bank = Bank.load(bank_dir)
     _print_summary(bank, Path(bank_dir), None, json, top)
 
@@ -114,6 +121,8 @@ def bank_export(bank_dir: str, name: str, *, out: str) -> None:
       name: the adapter's name in the bank (see `kilolora bank info`).
       out: output PEFT directory (must not exist).
     """
+    from compression import Bank
+
     bank = Bank.load(bank_dir)
     path = bank.export(name, out)
     entry = bank.entry(name)
@@ -131,6 +140,8 @@ def bank_add(bank_dir: str, adapter_dir: str, name: str | None = None) -> None:
       adapter_dir: the PEFT adapter directory to add.
       name: name in the bank (default: the directory name).
     """
+    from compression import Bank, load_adapter
+
     bank = Bank.load(bank_dir)
     entry = bank.add(load_adapter(adapter_dir), name=name)
     bank.save(bank_dir, overwrite=True)
@@ -168,6 +179,8 @@ def make_collection(
       noise: noise added to the planted factors (relative).
       seed: random seed.
     """
+    from compression.synthetic import PlantedSpec, write_planted
+
     if Path(out).exists():
         raise ValueError(f"output directory already exists: {out}")
     for field, value in (("n", n), ("groups", groups), ("layers", layers), ("hidden", hidden), ("r", r), ("shared_rank", shared_rank)):
