@@ -76,8 +76,8 @@ class Bank:
     entries: list[BankEntry]
     base_model_name_or_path: str | None = None
     target_modules: list[str] = field(default_factory=list)
-    history: list[float] = field(default_factory=list)
-    """relative objective of the fit, per outer iteration"""
+    history: dict = field(default_factory=dict)
+    """relative objective Σ‖ΔW−ΔŴ‖²/Σ‖ΔW‖²: `fit` per iteration, `clustering` per round"""
     dtype: str = "float32"
 
     # ----------------------------------------------------------------------------- lookup
@@ -296,7 +296,7 @@ class Bank:
             entries=entries,
             base_model_name_or_path=meta.get("base_model_name_or_path"),
             target_modules=meta.get("target_modules", []),
-            history=meta.get("history", []),
+            history=meta.get("history", {}),
             dtype=meta.get("dtype", "float32"),
         )
         bank.check()

@@ -9,8 +9,9 @@ which makes the result deterministic for a seed and robust to planted groups.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -41,7 +42,7 @@ class CompressConfig:
     seed: int = 0
     """seed for the random parts (cluster seeding, Krylov blocks)."""
     device: str = "cpu"
-    """cpu or cuda."""
+    """cpu or cuda (cuda falls back to cpu, with a warning, where torch sees no GPU)."""
     dtype: str | None = None
     """dtype the bank is stored in; default: the adapters' own dtype (float32 if mixed)."""
 
@@ -66,8 +67,6 @@ def validate(collection: Collection, cfg: CompressConfig) -> None:
         raise ValueError(f"iters must be >= 0; got iters={cfg.iters}, cluster_iters={cfg.cluster_iters}")
     if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise ValueError(f"device must be cpu or cuda; got {cfg.device!r}")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but torch sees no CUDA device; use --device cpu")
     if cfg.dtype is not None and cfg.dtype not in ("float32", "float16", "bfloat16"):
         raise ValueError(f"dtype must be float32, float16 or bfloat16; got {cfg.dtype!r}")
 
@@ -76,6 +75,9 @@ def compress(collection: Collection, cfg: CompressConfig | None = None, progress
     """Fit a bank to the collection (see CompressConfig)."""
     cfg = cfg if cfg is not None else CompressConfig()
     validate(collection, cfg)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        warnings.warn("device cuda was asked for but torch sees no CUDA device; running on cpu", stacklevel=2)
+        cfg = replace(cfg, device="cpu")
     report = progress if progress is not None else (lambda phase, done, total: None)
     gen = torch.Generator().manual_seed(cfg.seed)
     factors = {s.name: collection.factors(s.name, cfg.device) for s in collection.slots}
@@ -95,10 +97,12 @@ def compress(collection: Collection, cfg: CompressConfig | None = None, progress
         denom = float(total_norm.sum()) or 1.0
         history = {"clustering": clustering, "fit": [h / denom for h in fit_history]}
 
-    rel = (errors / total_norm.clamp_min(1e-30)).sqrt()
-    rel[total_norm == 0] = 0.0
     dtypes = {a.dtype for a in collection.adapters}
     dtype = cfg.dtype if cfg.dtype is not None else (str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32")
+    if dtype != "float32":  # report the error of what is stored, rounding included
+        errors = _stored_errors(factors, assign, U, V, sigma, getattr(torch, dtype))
+    rel = (errors / total_norm.clamp_min(1e-30)).sqrt()
+    rel[total_norm == 0] = 0.0
     entries = [
         BankEntry(
             name=a.name,
@@ -175,6 +179,27 @@ def _fit_clusters(factors, assign, cfg, iters, warm, gen, report, phase):
     steps = max(len(h) for h in histories)
     history = [sum(h[min(t, len(h) - 1)] for h in histories) for t in range(steps)]
     return U, V, sigma, errors, history
+
+
+def _stored_errors(factors, assign, U, V, sigma, dtype) -> torch.Tensor:
+    """Squared error of every adapter once bases and cores are rounded to `dtype`, (n,).
+
+    Rounded bases are no longer orthonormal: U S Vᵀ = Qu (Ru S Rvᵀ) Qvᵀ with QR factors.
+    """
+    errors = 0
+    for s, (A, B) in factors.items():
+        Qu, Ru = torch.linalg.qr(U[s].to(dtype).float())  # (K, d_out, r)
+        Qv, Rv = torch.linalg.qr(V[s].to(dtype).float())
+        S = sigma[s].to(dtype).float()
+        S = torch.diag_embed(S) if S.dim() == 2 else S  # (n, r, r)
+        a = assign.to(A.device)
+        C = Ru[a] @ S @ Rv[a].mT  # (n, r, r)
+        e = torch.zeros(len(A), device=A.device)
+        for k in a.unique().tolist():
+            idx = (a == k).nonzero().squeeze(1)
+            e[idx] = jd.residual_sq(A[idx], B[idx], Qu[k], Qv[k], C[idx])
+        errors = errors + e
+    return errors
 
 
 def _errors_to_clusters(factors, U, V, method) -> torch.Tensor:

@@ -67,14 +67,16 @@ def full_cores(A, B, U, V) -> torch.Tensor:
 def residual_sq(A, B, Qu, Qv, C=None) -> torch.Tensor:
     """‖ΔW_i − Qu C_i Qvᵀ‖²_F for orthonormal Qu, Qv, (n,); C_i = QuᵀΔW_iQv when None.
 
+    Qu (d_out, r) and Qv (d_in, r) are shared, or batched per adapter as (n, d, r).
+
     Splits the residual into orthogonal parts, (I−QuQuᵀ)ΔW, QuᵀΔW(I−QvQvᵀ) and the core
     mismatch, instead of ‖ΔW‖² − ‖Σ‖²: that difference cancels catastrophically in float32 and
     would floor relative errors at ~3e-4 when the fit is nearly exact.
     """
-    Y = Qu.T @ B  # (n, r, r_i)
+    Y = Qu.mT @ B  # (n, r, r_i)
     Bp = B - Qu @ Y  # (n, d_out, r_i)
     Z = A @ Qv  # (n, r_i, r)
-    Ap = A - Z @ Qv.T  # (n, r_i, d_in)
+    Ap = A - Z @ Qv.mT  # (n, r_i, d_in)
     AAt = A @ A.transpose(1, 2)
     err = ((Bp.transpose(1, 2) @ Bp) * AAt).sum((1, 2))
     err = err + ((Y.transpose(1, 2) @ Y) * (Ap @ Ap.transpose(1, 2))).sum((1, 2))

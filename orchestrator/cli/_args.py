@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import re
+import types
 import typing
 from collections.abc import Callable
 
@@ -45,7 +46,7 @@ def add_function(subparsers, name: str, fn: Callable) -> argparse.ArgumentParser
         hint = hints.get(param.name, str)
         help_text = helps.get(param.name, "")
         origin, args = typing.get_origin(hint), typing.get_args(hint)
-        if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if origin is typing.Union or origin is types.UnionType:  # `X | None`: an optional X
             hint = next(a for a in args if a is not type(None))
             origin, args = typing.get_origin(hint), typing.get_args(hint)
         kwargs: dict = {"help": help_text}

@@ -65,7 +65,7 @@ def compress(
       iters: alternating iterations of the final fit.
       cluster_iters: maximum reassignment rounds when clusters > 1.
       seed: random seed; the same seed gives the same bank.
-      device: cpu or cuda.
+      device: cpu or cuda (falls back to cpu, with a warning, without a GPU).
       dtype: dtype of the stored bank (default: the adapters' dtype).
       overwrite: replace an existing output directory.
       json: print the summary as JSON on stdout.
@@ -244,10 +244,10 @@ def _print_summary(bank: Bank, path: Path, seconds: float | None, as_json: bool,
         "rel. error",
         f"mean {stats['rel_error_mean']:.4g}, max {stats['rel_error_max']:.4g}   (‖ΔW−UΣVᵀ‖_F / ‖ΔW‖_F per adapter)",
     )
-    fit = bank.history.get("fit", []) if isinstance(bank.history, dict) else []
+    fit = bank.history.get("fit", [])
     if fit:
         t.add_row("objective", "  ".join(f"{h:.4g}" for h in fit) + "   (Σ‖ΔW−ΔŴ‖² / Σ‖ΔW‖² per iteration)")
-    rounds = bank.history.get("clustering", []) if isinstance(bank.history, dict) else []
+    rounds = bank.history.get("clustering", [])
     if rounds:
         t.add_row("clustering", f"{len(rounds)} round(s), sizes {stats['cluster_sizes']}")
     if seconds is not None:
