@@ -267,10 +267,16 @@ def find_adapter_dirs(inputs: list[str]) -> list[Path]:
 
 @dataclass
 class Collection:
-    """Validated adapters over a common set of slots; stacks per-slot factors on demand."""
+    """Validated adapters over a common set of slots, with their factors stacked per slot.
+
+    The collection owns the factors: on construction each adapter's tensors are copied into
+    one zero-padded stack per slot and replaced by views of it, so a collection of 1000
+    adapters is held in memory once, not twice. Treat the stacks as read-only.
+    """
 
     adapters: list[LoraAdapter]
     slots: list[SlotInfo] = field(default_factory=list)
+    _stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if not self.adapters:
@@ -283,6 +289,20 @@ class Collection:
         bases = {a.base_model_name_or_path for a in self.adapters}
         if len(bases) > 1:
             warnings.warn(f"adapters name different base models: {sorted(map(str, bases))}", stacklevel=2)
+        self._stacks = {info.name: self._stack(info) for info in self.slots}
+
+    def _stack(self, info: SlotInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        slot, n = info.name, len(self.adapters)
+        r_max = max(a.lora_A[slot].shape[0] if slot in a.lora_A else 0 for a in self.adapters)
+        A = torch.zeros(n, r_max, info.in_features)
+        B = torch.zeros(n, info.out_features, r_max)
+        for i, ad in enumerate(self.adapters):
+            if slot in ad.lora_A:
+                r = ad.lora_A[slot].shape[0]
+                A[i, :r] = ad.lora_A[slot]
+                B[i, :, :r] = ad.lora_B[slot]
+                ad.lora_A[slot], ad.lora_B[slot] = A[i, :r], B[i, :, :r]
+        return A, B
 
     def __len__(self) -> int:
         return len(self.adapters)
@@ -296,16 +316,7 @@ class Collection:
 
         An adapter that does not adapt this slot contributes zeros (ΔW = 0).
         """
-        info = next(s for s in self.slots if s.name == slot)
-        r_max = max(a.lora_A[slot].shape[0] if slot in a.lora_A else 0 for a in self.adapters)
-        n = len(self.adapters)
-        A = torch.zeros(n, r_max, info.in_features)
-        B = torch.zeros(n, info.out_features, r_max)
-        for i, ad in enumerate(self.adapters):
-            if slot in ad.lora_A:
-                r = ad.lora_A[slot].shape[0]
-                A[i, :r] = ad.lora_A[slot]
-                B[i, :, :r] = ad.lora_B[slot]
+        A, B = self._stacks[slot]
         return A.to(device), B.to(device)
 
 
