@@ -152,10 +152,12 @@ def _fit_svd(factors, r, report):
 def _fit_clusters(factors, assign, cfg, iters, warm, gen, report, phase):
     """Fit every (slot, cluster); returns stacked U, V, cores, per-adapter errors, objective history."""
     K = cfg.clusters
-    members = [(assign == k).nonzero().squeeze(1).to(next(iter(factors.values()))[0].device) for k in range(K)]
+
     U, V, sigma = {}, {}, {}
-    errors = 0
+    n, device = len(assign), next(iter(factors.values()))[0].device
+    errors = torch.zeros(n, device=device)
     histories = []
+    members = [(assign == k).nonzero().squeeze(1).to(device) for k in range(K)]
     for j, (s, (A, B)) in enumerate(factors.items()):
         Us, Vs = [], []
         cores = None
@@ -169,9 +171,7 @@ def _fit_clusters(factors, assign, cfg, iters, warm, gen, report, phase):
             if cores is None:
                 cores = fit.sigma.new_zeros((A.shape[0], *fit.sigma.shape[1:]))
             cores[idx] = fit.sigma
-            errs = torch.zeros(A.shape[0], device=A.device)
-            errs[idx] = fit.errors
-            errors = errors + errs
+            errors[idx] += fit.errors
             histories.append(fit.history)
         U[s], V[s], sigma[s] = torch.stack(Us), torch.stack(Vs), cores
         report(phase, j + 1, len(factors))
