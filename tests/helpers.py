@@ -35,3 +35,40 @@ def peft_logits(base_dir, adapter_dir, input_ids):
         model = PeftModel.from_pretrained(load_base(base_dir), str(adapter_dir)).eval()
     with torch.no_grad():
         return model(input_ids=input_ids).logits
+
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +-*=.,:;!?()[]/ABCDEFGHIJ"
+
+
+def make_tiny_model(out_dir, arch: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides):
+    """Save a tiny random `arch` (llama, mistral, qwen2) checkpoint, with a char-level tokenizer."""
+    import transformers
+
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+    cfg_cls, model_cls = (getattr(transformers, n) for n in classes[arch])
+    kwargs = dict(TINY)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = model_cls(cfg_cls(**kwargs)).eval()
+    model.save_pretrained(out_dir)
+    if tokenizer:
+        save_char_tokenizer(out_dir)
+    return model
+
+
+def save_char_tokenizer(out_dir):
+    """A 64-symbol character tokenizer (`<eos>` is id 2, as the tiny configs say) saved for AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    symbols = ["<unk>", "<bos>", "<eos>"] + list(CHARS[: 64 - 3])
+    vocab = {s: i for i, s in enumerate(symbols)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<bos>", eos_token="<eos>")
+    fast.save_pretrained(out_dir)
+    return fast

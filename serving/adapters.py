@@ -1,0 +1,258 @@
+"""The adapter registry: dense PEFT adapters and bank entries side by side, chosen per token.
+
+Every adapter gets a uid that is never reused (the KV cache keys blocks by uid, so a reloaded name
+can never hit a stale block). Dense adapters live as zero-padded stacks per slot
+(`lora_A` (cap, r, d_in), `lora_B` (cap, d_out, r), scaling folded in); bank entries point at a
+cluster's shared basis and their own core (`U_k Σ_i V_kᵀ`, Brüel-Gabrielsson et al., ICML 2025).
+`LoraBatch` is built once per forward from the tokens' uids and is the model's `LoraHook`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compression.bank import Bank
+from compression.peft_io import LoraAdapter, load_adapter, module_name
+
+from .config import ModelConfig
+from .kernels import bank_lora, dense_lora, group_by_cluster
+from .model import FUSED_GROUPS
+
+BASE = -1
+"""uid of the base model (no adapter)"""
+
+_SLOT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+
+
+@dataclass
+class AdapterInfo:
+    """What the engine needs to know about one resident adapter."""
+
+    name: str
+    uid: int
+    kind: str
+    """`dense` or `bank`"""
+    index: int
+    """row in the dense stacks, or core index in the bank"""
+    cluster: int = -1
+    """bank cluster (bank adapters only)"""
+    alora_invocation_tokens: list[int] | None = None
+    """activated adapter: applies from the last occurrence of these tokens onward"""
+    r: int = 0
+    config: dict = field(default_factory=dict)
+
+    @property
+    def activated(self) -> bool:
+        return bool(self.alora_invocation_tokens)
+
+
+def parse_slot(slot: str) -> tuple[int, str]:
+    """PEFT key prefix -> (layer, module), e.g. `...layers.3.self_attn.q_proj` -> (3, 'q_proj')."""
+    m = _SLOT_RE.search(module_name(slot))
+    if not m:
+        raise ValueError(
+            f"cannot serve an adapter on {slot!r}: only the attention and MLP projections of decoder layers "
+            "(q/k/v/o_proj, gate/up/down_proj) are adaptable"
+        )
+    return int(m.group(1)), m.group(2)
+
+
+class AdapterRegistry:
+    """Name -> adapter; owns the stacked dense factors and the bank tensors on the model's device."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device):
+        self.config, self.dtype, self.device = config, dtype, torch.device(device)
+        self._by_name: dict[str, AdapterInfo] = {}
+        self._by_uid: dict[int, AdapterInfo] = {}
+        self._next_uid = 0
+        # dense: (layer, module) -> [lora_A (cap, r, d_in), lora_B (cap, d_out, r)]
+        self._dense: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self._dense_cap, self._dense_r = 0, 0
+        self._dense_free: list[int] = []
+        self._dense_rows = 0
+        # bank: (layer, module) -> (U (K, d_out, r), V (K, d_in, r), S (n, r, r) or (n, r))
+        self._bank: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.bank: Bank | None = None
+
+    # ------------------------------------------------------------------ lookup
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def get(self, name: str) -> AdapterInfo:
+        info = self._by_name.get(name)
+        if info is None:
+            preview = ", ".join(list(self._by_name)[:8]) + (" ..." if len(self._by_name) > 8 else "")
+            raise KeyError(f"no adapter named {name!r} is loaded (loaded: {preview or 'none'})")
+        return info
+
+    def by_uid(self, uid: int) -> AdapterInfo:
+        return self._by_uid[uid]
+
+    def _new(self, name: str, **kw) -> AdapterInfo:
+        if not isinstance(name, str) or not name or name == "base" or ":" in name:
+            raise ValueError(f"adapter name must be a non-empty string other than 'base' without ':', got {name!r}")
+        if name in self._by_name:
+            raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+        info = AdapterInfo(name=name, uid=self._next_uid, **kw)
+        self._next_uid += 1
+        self._by_name[name], self._by_uid[info.uid] = info, info
+        return info
+
+    def _check_slot(self, who: str, slot: str, d_in: int, d_out: int) -> tuple[int, str]:
+        layer, module = parse_slot(slot)
+        if layer >= self.config.num_layers:
+            raise ValueError(f"{who}: slot {slot!r} is layer {layer}, the model has {self.config.num_layers} layers")
+        want = self.config.module_shape(module)
+        if (d_in, d_out) != want:
+            raise ValueError(f"{who}: {slot!r} maps {d_in} -> {d_out} features, the model's {module} maps "
+                             f"{want[0]} -> {want[1]} (adapter made for another base model?)")
+        return layer, module
+
+    # ------------------------------------------------------------------- dense
+    def load_adapter(self, name: str, path: str | os.PathLike) -> AdapterInfo:
+        """Load a PEFT directory (safetensors only) as a dense adapter."""
+        return self.add_adapter(name, load_adapter(Path(path), name=name))
+
+    def add_adapter(self, name: str, adapter: LoraAdapter) -> AdapterInfo:
+        slots = {}
+        for slot, a in adapter.lora_A.items():
+            b = adapter.lora_B[slot]
+            slots[self._check_slot(f"adapter {name!r}", slot, a.shape[1], b.shape[0])] = (a, b)
+        r = max(a.shape[0] for a, _ in slots.values())
+        row = self._dense_free.pop() if self._dense_free else self._grow_dense(r)
+        if r > self._dense_r:
+            self._pad_dense_rank(r)
+        for key, stacks in self._dense.items():  # clear the row: a reused row must not keep old factors
+            stacks[0][row].zero_()
+            stacks[1][row].zero_()
+        for (layer, module), (a, b) in slots.items():
+            stacks = self._dense_stacks(layer, module)
+            stacks[0][row, : a.shape[0]] = a.to(self.device, self.dtype)
+            stacks[1][row, :, : b.shape[1]] = b.to(self.device, self.dtype)
+        return self._new(name, kind="dense", index=row, r=r, config=adapter.config,
+                         alora_invocation_tokens=adapter.alora_invocation_tokens)
+
+    def _grow_dense(self, r: int) -> int:
+        row = self._dense_rows
+        self._dense_rows += 1
+        if row >= self._dense_cap:
+            cap = max(4, 2 * self._dense_cap)
+            for stacks in self._dense.values():
+                for j in (0, 1):
+                    t = stacks[j]
+                    grown = t.new_zeros((cap,) + tuple(t.shape[1:]))
+                    grown[: t.shape[0]] = t
+                    stacks[j] = grown
+            self._dense_cap = cap
+        return row
+
+    def _pad_dense_rank(self, r: int) -> None:
+        for stacks in self._dense.values():
+            a, b = stacks
+            stacks[0] = torch.cat([a, a.new_zeros(a.shape[0], r - a.shape[1], a.shape[2])], 1).contiguous()
+            stacks[1] = torch.cat([b, b.new_zeros(b.shape[0], b.shape[1], r - b.shape[2])], 2).contiguous()
+        self._dense_r = r
+
+    def _dense_stacks(self, layer: int, module: str) -> list[torch.Tensor]:
+        key = (layer, module)
+        if key not in self._dense:
+            d_in, d_out = self.config.module_shape(module)
+            kw = dict(dtype=self.dtype, device=self.device)
+            self._dense[key] = [torch.zeros(self._dense_cap, self._dense_r, d_in, **kw),
+                                torch.zeros(self._dense_cap, d_out, self._dense_r, **kw)]
+        return self._dense[key]
+
+    # -------------------------------------------------------------------- bank
+    def load_bank(self, bank: Bank | str | os.PathLike, prefix: str = "") -> list[AdapterInfo]:
+        """Make every entry of a bank servable as `prefix + name`. One bank per engine."""
+        if not isinstance(bank, Bank):
+            bank = Bank.load(bank)
+        if self.bank is not None:
+            raise ValueError("a bank is already loaded; an engine serves one bank (grow it with Bank.add)")
+        tensors = {}
+        for info in bank.slots:
+            key = self._check_slot("bank", info.name, info.in_features, info.out_features)
+            cast = lambda t: t.to(self.device, self.dtype).contiguous()  # noqa: E731
+            tensors[key] = (cast(bank.U[info.name]), cast(bank.V[info.name]), cast(bank.sigma[info.name]))
+        self._bank, self.bank = tensors, bank
+        return [self._new(prefix + e.name, kind="bank", index=e.index, cluster=e.cluster, r=e.r,
+                          config=e.config, alora_invocation_tokens=e.alora_invocation_tokens)
+                for e in bank.entries]
+
+    # ------------------------------------------------------------------ unload
+    def unload(self, name: str) -> AdapterInfo:
+        info = self.get(name)
+        del self._by_name[name], self._by_uid[info.uid]
+        if info.kind == "dense":
+            self._dense_free.append(info.index)
+        return info
+
+    # ------------------------------------------------------------------- batch
+    def batch(self, uids: list[int]) -> LoraBatch | None:
+        """The per-forward LoRA hook for tokens carrying these uids (None when all are base)."""
+        if all(u == BASE for u in uids):
+            return None
+        dense_ids, clusters, cores = [], [], []
+        for u in uids:
+            info = self._by_uid.get(u) if u != BASE else None
+            if info is None:
+                dense_ids.append(-1), clusters.append(-1), cores.append(-1)
+            elif info.kind == "dense":
+                dense_ids.append(info.index), clusters.append(-1), cores.append(-1)
+            else:
+                dense_ids.append(-1), clusters.append(info.cluster), cores.append(info.index)
+        return LoraBatch(self, dense_ids, clusters, cores)
+
+
+class LoraBatch:
+    """Per-forward adapter routing; called by the model after each fused linear."""
+
+    def __init__(self, reg: AdapterRegistry, dense_ids: list[int], clusters: list[int], cores: list[int]):
+        dev = reg.device
+        self.reg = reg
+        self.dense = None
+        if any(i >= 0 for i in dense_ids):
+            ids = torch.tensor(dense_ids, dtype=torch.long, device=dev)
+            self.dense = (ids, group_by_cluster(ids, ids))
+        self.bank = None
+        if any(i >= 0 for i in cores):
+            c = torch.tensor(clusters, dtype=torch.long, device=dev)
+            a = torch.tensor(cores, dtype=torch.long, device=dev)
+            self.bank = (c, a, group_by_cluster(c, a))
+        cfg = reg.config
+        sizes = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
+                 "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
+        self._offsets = {}
+        for group, modules in FUSED_GROUPS.items():
+            off = 0
+            for m in modules:
+                self._offsets[m] = (off, sizes[m])
+                off += sizes[m]
+
+    def __call__(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        reg = self.reg
+        for module in FUSED_GROUPS[group]:
+            off, size = self._offsets[module]
+            ys = y[:, off: off + size] if size != y.shape[1] else y  # (N, d_out) view
+            if self.dense is not None:
+                stacks = reg._dense.get((layer, module))
+                if stacks is not None:
+                    ids, groups = self.dense
+                    dense_lora(x, stacks[0], stacks[1], ids, ys, groups=groups)
+            if self.bank is not None:
+                t = reg._bank.get((layer, module))
+                if t is not None:
+                    c, a, groups = self.bank
+                    bank_lora(x, t[1], t[2], t[0], c, a, ys, groups=groups)

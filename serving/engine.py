@@ -1,0 +1,347 @@
+"""The engine: one model, a paged KV cache, the adapter registry, and a continuous-batching loop.
+
+Every `step()` packs the uncomputed tokens of every active sequence (prefill chunks and single
+decode tokens alike) into one forward, each token carrying the uid of its adapter. Sequences are
+the unit the orchestrator works with: `open`, `extend`, `fork` (shares blocks), `rewind` (drops a
+tail), `set_adapter` (activated adapters keep the cached prefix; standard ones re-prefill, from the
+prefix cache when possible), `score`, and generation jobs on any of them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .adapters import BASE, AdapterInfo, AdapterRegistry
+from .blocks import BlockManager, OutOfBlocks, block_key
+from .model import AttnGroup, ForwardBatch, KVCache, Transformer, load_model
+from .sampling import SamplingParams, sample, token_logprobs
+from .sequence import Completion, Counters, Delta, GenJob, ScoreJob, Seq, find_last
+
+
+class Engine:
+    """Serve a base model plus many adapters; see the module docstring."""
+
+    def __init__(self, model: Transformer, tokenizer=None, *, block_size: int = 16, kv_cache_tokens: int = 65536,
+                 max_batch_tokens: int = 2048, max_model_len: int | None = None, seed: int = 0):
+        if block_size < 1 or kv_cache_tokens < block_size or max_batch_tokens < 1:
+            raise ValueError(f"need block_size >= 1, kv_cache_tokens >= block_size, max_batch_tokens >= 1; got "
+                             f"{block_size}, {kv_cache_tokens}, {max_batch_tokens}")
+        self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        self.block_size = block_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_model_len = max_model_len if max_model_len is not None else model.config.max_position_embeddings
+        num_blocks = math.ceil(kv_cache_tokens / block_size)
+        self.cache = KVCache(model.config, num_blocks, block_size, model.dtype, model.device)
+        self.blocks = BlockManager(num_blocks)
+        self.registry = AdapterRegistry(model.config, model.dtype, model.device)
+        self._seqs: dict[int, Seq] = {}
+        self._next_seq = 0
+        self._arrivals = 0
+        self._rng = torch.Generator().manual_seed(seed)
+        eos = model.config.eos_token_id
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(tokenizer.eos_token_id)
+        self.steps = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, bank: str | os.PathLike | None = None,
+                        adapters: dict[str, str | os.PathLike] | Sequence[str | os.PathLike] | None = None,
+                        dtype: torch.dtype | None = None, device: str = "cpu", **kwargs) -> Engine:
+        """Load a HF checkpoint directory, optionally a bank and PEFT adapters (`{name: dir}` or dirs)."""
+        path = Path(path)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked but torch sees no CUDA device")
+        model = load_model(path, dtype=dtype, device=device)
+        tokenizer = None
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        engine = cls(model, tokenizer, **kwargs)
+        if bank is not None:
+            engine.load_bank(bank)
+        if adapters:
+            items = adapters.items() if isinstance(adapters, dict) else [(Path(p).name, p) for p in adapters]
+            for name, p in items:
+                engine.load_adapter(name, p)
+        return engine
+
+    # ------------------------------------------------------------------ adapters
+    def load_adapter(self, name: str, path: str | os.PathLike) -> AdapterInfo:
+        return self.registry.load_adapter(name, path)
+
+    def load_bank(self, bank, prefix: str = "") -> list[AdapterInfo]:
+        return self.registry.load_bank(bank, prefix=prefix)
+
+    def unload_adapter(self, name: str) -> None:
+        info = self.registry.get(name)
+        users = [s.id for s in self._seqs.values() if s.adapter is not None and s.adapter.uid == info.uid]
+        if users:
+            raise ValueError(f"adapter {name!r} is in use by {len(users)} open sequence(s) {users[:5]}; close them first")
+        self.registry.unload(name)
+
+    @property
+    def adapters(self) -> list[str]:
+        return self.registry.names
+
+    def _adapter(self, name: str | None) -> AdapterInfo | None:
+        return None if name is None or name == "base" else self.registry.get(name)
+
+    # ----------------------------------------------------------------- sequences
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass token ids, not text")
+            return list(self.tokenizer.encode(prompt, add_special_tokens=False))
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got {bad[:5]}")
+        return ids
+
+    def _seq(self, seq: int) -> Seq:
+        s = self._seqs.get(seq)
+        if s is None:
+            raise KeyError(f"no open sequence {seq}")
+        return s
+
+    def open(self, prompt: str | Sequence[int] = (), adapter: str | None = None) -> int:
+        """A new idle sequence holding `prompt`; nothing is computed until a job needs it."""
+        s = Seq(id=self._next_seq, tokens=[], adapters=[])
+        self._next_seq += 1
+        self._seqs[s.id] = s
+        s.adapter = self._adapter(adapter)
+        self.extend(s.id, prompt)
+        return s.id
+
+    def tokens(self, seq: int) -> list[int]:
+        return list(self._seq(seq).tokens)
+
+    def adapter_of(self, seq: int) -> str | None:
+        a = self._seq(seq).adapter
+        return a.name if a is not None else None
+
+    def extend(self, seq: int, tokens: str | Sequence[int]) -> None:
+        """Append tokens (or text) to an idle sequence."""
+        s = self._seq(seq)
+        self._idle(s, "extend")
+        ids = self._encode(tokens)
+        if len(s.tokens) + len(ids) > self.max_model_len:
+            raise ValueError(f"sequence would be {len(s.tokens) + len(ids)} tokens, over max_model_len {self.max_model_len}")
+        s.tokens.extend(ids)
+        s.adapters.extend([BASE] * len(ids))
+        self._retarget(s, search=True)
+
+    def set_adapter(self, seq: int, adapter: str | None) -> None:
+        """Switch the sequence's adapter. Activated adapters keep the cached prefix; standard ones
+        apply to the whole context (recomputed, from the prefix cache where it holds it)."""
+        s = self._seq(seq)
+        self._idle(s, "set_adapter")
+        s.adapter = self._adapter(adapter)
+        s.alora_start = None
+        self._retarget(s, search=True)
+
+    def _retarget(self, s: Seq, search: bool) -> None:
+        """Recompute which adapter each token wants; drop computed state from the first change."""
+        a = s.adapter
+        if a is not None and a.activated and search:
+            s.alora_start = find_last(s.tokens, a.alora_invocation_tokens)
+        first = len(s.tokens)
+        for pos in range(len(s.tokens)):
+            uid = s.uid_at(pos)
+            if s.adapters[pos] != uid:
+                s.adapters[pos] = uid
+                first = min(first, pos)
+        self._invalidate(s, first)
+
+    def _invalidate(self, s: Seq, pos: int) -> None:
+        if pos >= s.num_computed:
+            return
+        s.num_computed = pos
+        keep = math.ceil(pos / self.block_size)
+        for b in s.blocks[keep:]:
+            self.blocks.decref(b)
+        del s.blocks[keep:]
+        del s.keys[pos // self.block_size:]
+
+    def fork(self, seq: int, n: int = 1) -> list[int]:
+        """n copies of an idle sequence sharing its computed blocks (copy-on-write)."""
+        s = self._seq(seq)
+        self._idle(s, "fork")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"fork needs n >= 1, got {n!r}")
+        out = []
+        for _ in range(n):
+            c = Seq(id=self._next_seq, tokens=list(s.tokens), adapters=list(s.adapters), adapter=s.adapter,
+                    alora_start=s.alora_start, blocks=list(s.blocks), keys=list(s.keys), num_computed=s.num_computed)
+            self._next_seq += 1
+            for b in c.blocks:
+                self.blocks.incref(b)
+            self._seqs[c.id] = c
+            out.append(c.id)
+        return out
+
+    def rewind(self, seq: int, pos: int) -> None:
+        """Drop every token from `pos` on (backtracking); blocks no one else uses are freed."""
+        s = self._seq(seq)
+        self._idle(s, "rewind")
+        if not isinstance(pos, int) or not 0 <= pos <= len(s.tokens):
+            raise ValueError(f"rewind position must be in [0, {len(s.tokens)}], got {pos!r}")
+        self._invalidate(s, pos)
+        del s.tokens[pos:], s.adapters[pos:]
+        a = s.adapter
+        if a is not None and a.activated and s.alora_start is not None and s.alora_start + len(a.alora_invocation_tokens) > pos:
+            s.alora_start = None
+
+    def close(self, seq: int) -> None:
+        """Free the sequence (its full blocks stay in the prefix cache until reused)."""
+        s = self._seqs.pop(seq, None)
+        if s is None:
+            return
+        for b in s.blocks:
+            self.blocks.decref(b)
+        s.blocks.clear()
+
+    def _idle(self, s: Seq, what: str) -> None:
+        if s.job is not None:
+            raise RuntimeError(f"cannot {what} sequence {s.id} while a job runs on it")
+
+    # ---------------------------------------------------------------------- jobs
+    def submit(self, seq: int, params: SamplingParams | None = None, *, seed_offset: int = 0) -> None:
+        """Start generating on an idle sequence; `step()` advances it."""
+        s = self._seq(seq)
+        self._idle(s, "submit")
+        params = params if params is not None else SamplingParams()
+        if not s.tokens:
+            raise ValueError("cannot generate from an empty sequence: give at least one prompt token")
+        if len(s.tokens) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(s.tokens)} tokens; max_model_len is {self.max_model_len}")
+        worst = min(len(s.tokens) + params.max_tokens, self.max_model_len)
+        if math.ceil(worst / self.block_size) > self.blocks.num_blocks:
+            raise ValueError(f"request needs up to {worst} tokens of KV cache; the cache holds "
+                             f"{self.blocks.num_blocks * self.block_size} (raise kv_cache_tokens)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        g = torch.Generator()
+        g.manual_seed(params.seed + seed_offset if params.seed is not None
+                      else int(torch.randint(0, 2**62, (1,), generator=self._rng)))
+        s.job = GenJob(params=params, generator=g, start=len(s.tokens))
+        s.arrival = self._arrivals
+        self._arrivals += 1
+
+    def _submit_score(self, seq: int, continuation: Sequence[int], adapter: str | None) -> int:
+        s = self._seq(seq)
+        if not s.tokens:
+            raise ValueError("score needs a non-empty context")
+        cont = self._encode(continuation)
+        if not cont:
+            raise ValueError("score needs at least one continuation token")
+        (f,) = self.fork(seq)
+        fs = self._seqs[f]
+        fs.owned = True
+        try:
+            if adapter is not None or (s.adapter is not None):
+                self.set_adapter(f, adapter)
+            self.extend(f, cont)
+        except Exception:
+            self.close(f)
+            raise
+        fs.job = ScoreJob(logits_from=len(s.tokens) - 1)
+        fs.arrival = self._arrivals
+        self._arrivals += 1
+        return f
+
+    def score_many(self, items: Sequence[tuple[int, Sequence[int] | str, str | None]]) -> list[tuple[list[float], Counters]]:
+        """Log-probabilities of each continuation after its sequence, under the given adapter,
+        computed together; the sequences themselves are left unchanged."""
+        forks = [self._submit_score(seq, cont, adapter) for seq, cont, adapter in items]
+        while any(not self._seqs[f].job.done for f in forks):
+            self.step()
+        out = []
+        for f in forks:
+            job = self._seqs[f].job
+            self._seqs[f].job = None
+            self.close(f)
+            if job.error:
+                raise RuntimeError(job.error)
+            out.append((job.scores, job.counters))
+        return out
+
+    def score(self, seq: int, continuation: Sequence[int] | str, adapter: str | None = None) -> list[float]:
+        """log p(continuation[j] | sequence, continuation[:j]) for each j; `adapter=None` scores with base."""
+        return self.score_many([(seq, continuation, adapter)])[0][0]
+
+    def run(self, seqs: Sequence[int], params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Generate on idle sequences together until each finishes; the sequences keep their output."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(seqs)
+        for i, (seq, p) in enumerate(zip(seqs, plist)):
+            self.submit(seq, p, seed_offset=i)
+        while any(self._seqs[q].job is not None and self._seqs[q].job.result is None for q in seqs):
+            self.step()
+        out = []
+        for q in seqs:
+            s = self._seqs[q]
+            out.append(s.job.result)
+            s.job = None
+        return out
+
+    def generate(self, prompts: Sequence[str | Sequence[int]] | str, adapter: str | None | Sequence[str | None] = None,
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Generate for each prompt (with its own adapter if a list is given); sequences are closed after."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * len(prompts)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters")
+        seqs = []
+        try:
+            for p, a in zip(prompts, adapters):
+                seqs.append(self.open(p, adapter=a))
+            return self.run(seqs, params)
+        finally:
+            for q in seqs:
+                self._seqs.get(q) and setattr(self._seqs[q], "job", None)
+                self.close(q)
+
+    def stream(self, prompt: str | Sequence[int], adapter: str | None = None,
+               params: SamplingParams | None = None) -> Iterator[Delta]:
+        """Yield the request's new tokens/text step by step; the last delta carries the Completion."""
+        seq = self.open(prompt, adapter=adapter)
+        try:
+            self.submit(seq, params)
+            while True:
+                for d in self.step():
+                    if d.seq == seq:
+                        yield d
+                        if d.finished is not None:
+                            return
+        finally:
+            if seq in self._seqs:
+                self._seqs[seq].job = None
+                self.close(seq)
+
+    # ------------------------------------------------------------------ stepping
+    def has_work(self) -> bool:
+        return any(self._active(s) for s in self._seqs.values())
+
+    @staticmethod
+    def _active(s: Seq) -> bool:
+        j = s.job
+        return j is not None and not (isinstance(j, ScoreJob) and j.done) and not (isinstance(j, GenJob) and j.result is not None)
+
+    def stats(self) -> dict:
+        return {"blocks_total": self.blocks.num_blocks, "blocks_used": self.blocks.num_used,
+                "blocks_free": self.blocks.num_free, "prefix_hits": self.blocks.hits,
+                "open_sequences": len(self._seqs), "adapters": len(self.registry), "steps": self.steps}
+
+    def step(self) -> list[Delta]:
+        """One forward over every active sequence's next tokens; returns streamed deltas."""
+        from .scheduler import run_step
+
+        return run_step(self)

@@ -1,0 +1,266 @@
+"""A compact Llama-family forward over a paged KV cache (gpt-fast style), with LoRA hooks.
+
+One `forward` computes a packed batch: the new tokens of many sequences at once (prefill chunks
+and single decode tokens together), each writing its keys/values into the block cache and
+attending over its own cached context. Linear layers are fused (q|k|v and gate|up) and each fused
+output is handed to a LoRA hook that adds every token's own adapter delta in place, so the model
+knows nothing about adapters. Numerics follow `transformers`' Llama/Mistral/Qwen2 modules
+(fp32 RMSNorm, HF rotate-half RoPE, fp32 logits).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+                "down": ("down_proj",)}
+"""fused linear -> the HF modules it concatenates along the output dimension, in order"""
+
+
+class LoraHook(Protocol):
+    """Adds each token's adapter delta to a fused linear output, in place."""
+
+    def __call__(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None: ...
+
+
+@dataclass
+class AttnGroup:
+    """Sequences whose queries are attended together (same query length)."""
+
+    q_rows: torch.Tensor
+    """(B, Q) rows of the packed batch holding each sequence's queries"""
+    key_slots: torch.Tensor
+    """(B, L) cache slot of each key position (padding points at slot 0 and is masked)"""
+    masks: dict[int | None, torch.Tensor]
+    """sliding window -> (B, 1, Q, L) bool, True where a query may attend"""
+    covers_all: bool = False
+    """q_rows is exactly arange(N): the output needs no scatter"""
+
+
+@dataclass
+class ForwardBatch:
+    """Everything one forward needs besides the weights and the cache."""
+
+    tokens: torch.Tensor
+    """(N,) token ids"""
+    positions: torch.Tensor
+    """(N,) position of each token in its sequence"""
+    slot_mapping: torch.Tensor
+    """(N,) cache slot where each token's key/value is written"""
+    groups: list[AttnGroup] = field(default_factory=list)
+
+
+class KVCache:
+    """Keys and values of every layer in `num_blocks * block_size` slots."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, dtype, device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        shape = (config.num_layers, num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, slots, Hkv, hd)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def bytes_per_block(self) -> int:
+        return 2 * self.k[:, : self.block_size].numel() * self.k.element_size()
+
+
+@dataclass
+class LayerWeights:
+    ln_attn: torch.Tensor
+    wqkv: torch.Tensor
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor
+    bo: torch.Tensor | None
+    ln_mlp: torch.Tensor
+    w_gate_up: torch.Tensor
+    b_gate_up: torch.Tensor | None
+    w_down: torch.Tensor
+    b_down: torch.Tensor | None
+
+
+class Transformer:
+    """Weights plus the forward; built by `load_model`."""
+
+    def __init__(self, config: ModelConfig, embed: torch.Tensor, layers: list[LayerWeights],
+                 norm: torch.Tensor, lm_head: torch.Tensor):
+        self.config = config
+        self.embed, self.layers, self.norm, self.lm_head = embed, layers, norm, lm_head
+        self.dtype, self.device = embed.dtype, embed.device
+        self.inv_freq = config.inv_freq().float().to(self.device)
+        self._cos = self._sin = torch.empty(0, config.head_dim // 2, device=self.device)
+
+    def _rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        need = int(positions.max()) + 1 if positions.numel() else 0
+        if need > self._cos.shape[0]:
+            n = max(need, 2 * self._cos.shape[0], 256)
+            freqs = torch.outer(torch.arange(n, device=self.device, dtype=torch.float32), self.inv_freq)
+            self._cos, self._sin = freqs.cos(), freqs.sin()  # (n, hd/2) fp32, like HF
+        return self._cos[positions].to(self.dtype), self._sin[positions].to(self.dtype)  # (N, hd/2)
+
+    def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)).to(x.dtype)
+
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch, cache: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
+        """Hidden states after the final norm, (N, hidden); keys/values are written to `cache`."""
+        c = self.config
+        n = batch.tokens.shape[0]
+        cos, sin = self._rope_tables(batch.positions)
+        cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]  # (N, 1, hd)
+        h = self.embed[batch.tokens]  # (N, D)
+        for i, lw in enumerate(self.layers):
+            x = self._rms(h, lw.ln_attn)
+            qkv = _linear(x, lw.wqkv, lw.bqkv)  # (N, q + 2kv)
+            if lora is not None:
+                lora(i, "qkv", x, qkv)
+            q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+            q = _rotate(q.view(n, c.num_heads, c.head_dim), cos, sin)  # (N, H, hd)
+            k = _rotate(k.view(n, c.num_kv_heads, c.head_dim), cos, sin)  # (N, Hkv, hd)
+            cache.k[i].index_copy_(0, batch.slot_mapping, k)
+            cache.v[i].index_copy_(0, batch.slot_mapping, v.view(n, c.num_kv_heads, c.head_dim))
+            a = self._attention(i, q, batch, cache)  # (N, H*hd)
+            o = _linear(a, lw.wo, lw.bo)
+            if lora is not None:
+                lora(i, "o", a, o)
+            h = h + o
+            x = self._rms(h, lw.ln_mlp)
+            gu = _linear(x, lw.w_gate_up, lw.b_gate_up)  # (N, 2I)
+            if lora is not None:
+                lora(i, "gate_up", x, gu)
+            gate, up = gu.chunk(2, dim=-1)
+            m = F.silu(gate) * up
+            d = _linear(m, lw.w_down, lw.b_down)
+            if lora is not None:
+                lora(i, "down", m, d)
+            h = h + d
+        return self._rms(h, self.norm)
+
+    def _attention(self, layer: int, q: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        c = self.config
+        window = c.sliding_windows[layer]
+        out = None
+        for g in batch.groups:
+            b, nq = g.q_rows.shape
+            qg = q[g.q_rows].transpose(1, 2)  # (B, H, Q, hd)
+            kg = cache.k[layer][g.key_slots].transpose(1, 2)  # (B, Hkv, L, hd)
+            vg = cache.v[layer][g.key_slots].transpose(1, 2)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.masks[window], enable_gqa=True)
+            og = og.transpose(1, 2).reshape(b * nq, c.q_size)  # (B*Q, H*hd)
+            if g.covers_all:
+                return og
+            if out is None:
+                out = q.new_empty(q.shape[0], c.q_size)
+            out[g.q_rows.reshape(-1)] = og
+        return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(M, vocab) float32 logits of final hidden states."""
+        return (hidden @ self.lm_head.T).float()
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, w, b)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # HF convention: rotate the two halves of head_dim, not interleaved pairs.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def _read_tensors(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        hint = f" (found pickle files {pickles}; convert them to safetensors, they are never unpickled)" if pickles else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(path / f), framework="pt") as sf:
+            for key in sf.keys():
+                if key in names:
+                    out[key] = sf.get_tensor(key)
+    return out
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Transformer:
+    """Load a HF Llama/Mistral/Qwen2 checkpoint directory (safetensors only) into a `Transformer`."""
+    path = Path(path)
+    config = ModelConfig.from_dir(path)
+    device = torch.device(device)
+    dtype = dtype if dtype is not None else torch.float32
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+
+    def layer_keys(i: int) -> dict[str, str]:
+        p = f"model.layers.{i}."
+        keys = {
+            "ln_attn": p + "input_layernorm.weight", "ln_mlp": p + "post_attention_layernorm.weight",
+            **{m: p + f"self_attn.{m}.weight" for m in ("q_proj", "k_proj", "v_proj", "o_proj")},
+            **{m: p + f"mlp.{m}.weight" for m in ("gate_proj", "up_proj", "down_proj")},
+        }
+        if config.qkv_bias:
+            keys.update({m + ".bias": p + f"self_attn.{m}.bias" for m in ("q_proj", "k_proj", "v_proj")})
+        if config.o_bias:
+            keys["o_proj.bias"] = p + "self_attn.o_proj.bias"
+        if config.mlp_bias:
+            keys.update({m + ".bias": p + f"mlp.{m}.bias" for m in ("gate_proj", "up_proj", "down_proj")})
+        return keys
+
+    wanted = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(config.num_layers):
+        wanted |= set(layer_keys(i).values())
+    t = _read_tensors(path, wanted)
+    if "lm_head.weight" not in t:
+        if not config.tie_word_embeddings:
+            raise ValueError(f"{path}: lm_head.weight is missing and tie_word_embeddings is false")
+        wanted.discard("lm_head.weight")
+    missing = sorted(wanted - set(t))
+    if missing:
+        raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def get(key: str) -> torch.Tensor:
+        return t[key].to(device=device, dtype=dtype)
+
+    def check(name: str, w: torch.Tensor, shape: tuple[int, ...]):
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(w.shape)}, config.json implies {shape}")
+
+    layers = []
+    for i in range(config.num_layers):
+        k = layer_keys(i)
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            d_in, d_out = config.module_shape(m)
+            check(k[m], t[k[m]], (d_out, d_in))
+        cat = lambda names: torch.cat([get(k[n]) for n in names]).contiguous()  # noqa: E731
+        layers.append(LayerWeights(
+            ln_attn=get(k["ln_attn"]), ln_mlp=get(k["ln_mlp"]),
+            wqkv=cat(["q_proj", "k_proj", "v_proj"]),
+            bqkv=cat(["q_proj.bias", "k_proj.bias", "v_proj.bias"]) if config.qkv_bias else None,
+            wo=get(k["o_proj"]), bo=get(k["o_proj.bias"]) if config.o_bias else None,
+            w_gate_up=cat(["gate_proj", "up_proj"]),
+            b_gate_up=cat(["gate_proj.bias", "up_proj.bias"]) if config.mlp_bias else None,
+            w_down=get(k["down_proj"]), b_down=get(k["down_proj.bias"]) if config.mlp_bias else None,
+        ))
+    embed = get("model.embed_tokens.weight")
+    check("model.embed_tokens.weight", embed, (config.vocab_size, config.hidden_size))
+    lm_head = get("lm_head.weight") if "lm_head.weight" in t else embed
+    return Transformer(config, embed, layers, get("model.norm.weight"), lm_head)
