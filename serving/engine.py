@@ -303,16 +303,17 @@ class Engine:
         try:
             for p, a in zip(prompts, adapters):
                 seqs.append(self.open(p, adapter=a))
+                self._seqs[seqs[-1]].owned = True
             return self.run(seqs, params)
         finally:
             for q in seqs:
-                self._seqs.get(q) and setattr(self._seqs[q], "job", None)
                 self.close(q)
 
     def stream(self, prompt: str | Sequence[int], adapter: str | None = None,
                params: SamplingParams | None = None) -> Iterator[Delta]:
         """Yield the request's new tokens/text step by step; the last delta carries the Completion."""
         seq = self.open(prompt, adapter=adapter)
+        self._seqs[seq].owned = True
         try:
             self.submit(seq, params)
             while True:
@@ -322,9 +323,7 @@ class Engine:
                         if d.finished is not None:
                             return
         finally:
-            if seq in self._seqs:
-                self._seqs[seq].job = None
-                self.close(seq)
+            self.close(seq)
 
     # ------------------------------------------------------------------ stepping
     def has_work(self) -> bool:

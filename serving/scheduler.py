@@ -87,9 +87,11 @@ def _schedule(e: Engine, active: list[Seq], deltas: list[Delta]) -> list[tuple[S
     queue = list(active)
     while queue and budget > 0:
         s = queue[0]
+        if s.num_computed > s.logits_from():  # e.g. after a rewind: recompute to get logits
+            e._invalidate(s, s.logits_from())
         _match_prefix(e, s, s.logits_from())
         start = s.num_computed
-        end = min(len(s.tokens), start + budget)
+        end = min(s.need_end(), start + budget)
         try:
             _secure_blocks(e, s, end)
         except OutOfBlocks:
@@ -180,7 +182,7 @@ def run_step(e: Engine) -> list[Delta]:
             else:
                 job.counters.prefilled += end - start
                 lo = max(start, job.logits_from)
-                hi = min(end, len(s.tokens) - 1)
+                hi = end
                 if hi > lo:
                     rows.extend(range(row + lo - start, row + hi - start))
                     owners.append((s, "score", (lo, hi)))
@@ -203,7 +205,7 @@ def run_step(e: Engine) -> list[Delta]:
         if gen:
             deltas += _sample(e, gen, logits)
     for s, _, _ in plan:
-        if isinstance(s.job, ScoreJob) and s.num_computed == len(s.tokens):
+        if isinstance(s.job, ScoreJob) and s.num_computed >= s.need_end():
             s.job.done = True
     return deltas
 
@@ -277,4 +279,6 @@ def _finish_check(e: Engine, s: Seq, tok: int) -> Delta:
         job.result = Completion(seq=s.id, token_ids=list(out), text=text, finish_reason=reason,
                                 stop_reason=stop_reason, logprobs=list(job.logprobs) if p.logprobs is not None else None,
                                 counters=job.counters, adapter=s.adapter.name if s.adapter else None)
+        if s.owned:  # generate()/stream() drop the sequence anyway: free its blocks for the others now
+            _release(e, s)
     return Delta(s.id, new_tokens, delta_text, new_lp, job.result)

@@ -107,9 +107,14 @@ class Seq:
         return a.uid
 
     def logits_from(self) -> int:
+        """First position whose logits the job needs (it must be computed, not cached)."""
         if isinstance(self.job, ScoreJob):
             return self.job.logits_from
         return len(self.tokens) - 1
+
+    def need_end(self) -> int:
+        """Positions below this must be computed; a score never needs its last token's keys."""
+        return len(self.tokens) - 1 if isinstance(self.job, ScoreJob) else len(self.tokens)
 
 
 def find_last(tokens: list[int], pattern: list[int]) -> int | None:

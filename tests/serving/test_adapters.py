@@ -1,0 +1,186 @@
+"""Adapters in the engine against `peft`: standard and activated LoRA, dense and bank, mixed batches."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from compression import CompressConfig, compress
+from compression.peft_io import load_collection, save_adapter
+from serving import Engine, SamplingParams
+from tests.helpers import make_tiny_model
+
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+INVOKE = [60, 61, 62]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    hf = make_tiny_model(root / "base", "llama", seed=7)
+    return root, hf
+
+
+@pytest.fixture(scope="module")
+def std(world):
+    """A standard PEFT adapter on every projection, with a rank pattern and alpha 16."""
+    root, _ = world
+    from transformers import AutoModelForCausalLM
+
+    model = _peft_adapter(AutoModelForCausalLM.from_pretrained(root / "base"), root / "std", seed=11,
+                          rank_pattern={"o_proj": 2}, lora_alpha=16)
+    return root / "std", model
+
+
+def _peft_adapter(base: torch.nn.Module, out_dir, seed: int, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    cfg = dict(r=4, lora_alpha=8, target_modules=ALL_MODULES, init_lora_weights=False, task_type="CAUSAL_LM")
+    cfg.update(kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(base, LoraConfig(**cfg)).eval()
+        # Random B is large for a 32-wide model; scale so outputs differ from base without saturating.
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.mul_(0.5)
+    model.save_pretrained(out_dir)
+    return model
+
+
+def _teacher_forced(engine: Engine, ids: list[int], adapter: str | None) -> torch.Tensor:
+    seq = engine.open(ids[:1])
+    try:
+        return torch.tensor(engine.score(seq, ids[1:], adapter=adapter))
+    finally:
+        engine.close(seq)
+
+
+def _peft_teacher_forced(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        lp = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
+def test_standard_adapter_matches_peft(world, std):
+    root, _ = world
+    peft_model = std[1]
+    engine = Engine.from_pretrained(root / "base", adapters={"std": root / "std"}, kv_cache_tokens=512)
+    ids = list(range(3, 40))
+    ours = _teacher_forced(engine, ids, "std")
+    base = _teacher_forced(engine, ids, None)
+    assert (ours - base).abs().max() > 1e-2  # the adapter changes the output
+    torch.testing.assert_close(ours, _peft_teacher_forced(peft_model, ids), atol=2e-5, rtol=1e-4)
+    # Greedy generation equals peft's.
+    want = peft_model.generate(input_ids=torch.tensor([ids[:10]]), max_new_tokens=8, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, 10:].tolist()
+    got = engine.generate([ids[:10]], adapter="std", params=SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert got[0].token_ids == want
+
+
+def test_activated_adapter_matches_peft_and_reuses_the_prefix(world, std):
+    root, _ = world
+    from transformers import AutoModelForCausalLM
+
+    peft_model = _peft_adapter(AutoModelForCausalLM.from_pretrained(root / "base"), root / "alora", seed=12,
+                               alora_invocation_tokens=INVOKE, target_modules=["q_proj", "k_proj", "v_proj"])
+    engine = Engine.from_pretrained(root / "base", adapters={"alora": root / "alora"}, kv_cache_tokens=512, block_size=4)
+    prefix = list(range(3, 30))
+    ids = prefix + INVOKE + [7, 8, 9]
+    ours = _teacher_forced(engine, ids, "alora")
+    base = _teacher_forced(engine, ids, None)
+    start = len(prefix)
+    # Before the invocation the activated adapter is the base model (positions predict token p+1).
+    torch.testing.assert_close(ours[: start - 1], base[: start - 1], atol=0, rtol=0)
+    assert (ours[start:] - base[start:]).abs().max() > 1e-2
+    torch.testing.assert_close(ours, _peft_teacher_forced(peft_model, ids), atol=2e-5, rtol=1e-4)
+
+    # A sequence computed under base, then scored under the activated adapter: only the new tokens
+    # are computed; the prefix comes from the sequence's own blocks.
+    seq = engine.open(prefix)
+    engine.run([seq], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    ctx = engine.tokens(seq)
+    [(scores, counters)] = engine.score_many([(seq, INVOKE + [7], "alora")])
+    assert counters.prefilled == len(INVOKE) + 1 and counters.cached == 0
+    want = _peft_teacher_forced(peft_model, ctx + INVOKE + [7])[len(ctx) - 1:]
+    torch.testing.assert_close(torch.tensor(scores), want, atol=2e-5, rtol=1e-4)
+
+    # A standard switch recomputes the whole context under the adapter; the second time it comes
+    # from the prefix cache (full blocks keyed by tokens and adapter), except the last position.
+    engine.load_adapter("std", std[0])
+    [(first, counters)] = engine.score_many([(seq, [7], "std")])
+    assert counters.prefilled == len(ctx) and counters.cached == 0
+    [(again, counters)] = engine.score_many([(seq, [7], "std")])
+    assert counters.cached == (len(ctx) - 1) // 4 * 4 and counters.prefilled == len(ctx) - counters.cached
+    assert first == again
+
+
+def _random_adapters(root, n: int, seed: int, r: int = 4, modules=("q_proj", "v_proj", "down_proj")) -> list:
+    """Real PEFT directories with random factors (fast to make in bulk)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"q_proj": (32, 32), "k_proj": (32, 16), "v_proj": (32, 16), "o_proj": (32, 32),
+              "gate_proj": (32, 64), "up_proj": (32, 64), "down_proj": (64, 32)}
+    dirs = []
+    for i in range(n):
+        lora_A, lora_B = {}, {}
+        for layer in range(2):
+            for m in modules:
+                part = "mlp" if m.endswith(("gate_proj", "up_proj", "down_proj")) else "self_attn"
+                slot = f"base_model.model.model.layers.{layer}.{part}.{m}"
+                d_in, d_out = shapes[m]
+                lora_A[slot] = torch.randn(r, d_in, generator=g) / d_in**0.5
+                lora_B[slot] = torch.randn(d_out, r, generator=g) * 0.3
+        d = root / f"a{seed}_{i:03d}"
+        save_adapter(d, lora_A, lora_B, {"r": r, "lora_alpha": r, "target_modules": list(modules), "peft_type": "LORA",
+                                         "task_type": "CAUSAL_LM"})
+        dirs.append(d)
+    return dirs
+
+
+def test_bank_at_full_rank_equals_the_dense_adapters(world, tmp_path):
+    root, _ = world
+    dirs = _random_adapters(tmp_path, 4, seed=1, r=2)
+    bank = compress(load_collection([str(d) for d in dirs]), CompressConfig(method="jd-full", rank=8, clusters=1))
+    assert max(e.rel_error for e in bank.entries) < 1e-5  # 4 adapters x rank 2 fit a rank-8 basis exactly
+    engine = Engine.from_pretrained(root / "base", kv_cache_tokens=512)
+    engine.load_bank(bank, prefix="bank/")
+    for d in dirs:
+        engine.load_adapter(d.name, d)
+    ids = list(range(5, 35))
+    base = _teacher_forced(engine, ids, None)
+    for d in dirs:
+        dense = _teacher_forced(engine, ids, d.name)
+        assert (dense - base).abs().max() > 1e-2
+        torch.testing.assert_close(_teacher_forced(engine, ids, "bank/" + d.name), dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["jd-full", "jd-diag"])
+def test_mixed_batch_of_64_equals_each_sequence_alone(world, tmp_path, method):
+    root, _ = world
+    dense_dirs = _random_adapters(tmp_path, 24, seed=2, modules=tuple(ALL_MODULES))
+    bank_dirs = _random_adapters(tmp_path, 39, seed=3)
+    bank = compress(load_collection([str(d) for d in bank_dirs]), CompressConfig(method=method, rank=6, clusters=3))
+    engine = Engine.from_pretrained(root / "base", kv_cache_tokens=4096, block_size=8)
+    bank_names = [e.name for e in engine.load_bank(bank)]
+    for d in dense_dirs:
+        engine.load_adapter(d.name, d)
+    adapters = [None] + [d.name for d in dense_dirs] + bank_names
+    assert len(set(adapters)) == 64
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 64, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
+               for _ in adapters]
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True)
+    together = engine.generate(prompts, adapter=adapters, params=params)
+    outputs = set()
+    for prompt, adapter, got in zip(prompts, adapters, together):
+        alone = engine.generate([prompt], adapter=adapter, params=params)[0]
+        assert got.token_ids == alone.token_ids, adapter
+        torch.testing.assert_close(torch.tensor([t.logprob for t in got.logprobs]),
+                                   torch.tensor([t.logprob for t in alone.logprobs]), atol=1e-4, rtol=1e-4)
+        outputs.add(tuple(got.token_ids))
+    assert len(outputs) > 32  # the adapters really differ
+    assert engine.blocks.num_used == 0
