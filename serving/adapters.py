@@ -75,7 +75,7 @@ class AdapterRegistry:
         self._dense_cap, self._dense_r = 0, 0
         self._dense_free: list[int] = []
         self._dense_rows = 0
-        # bank: (layer, module) -> (U (K, d_out, r), V (K, d_in, r), S (n, r, r) or (n, r))
+        # bank: (layer, group) -> (U (K, d_out, g*r), V (K, d_in, g*r), S (n, g*r, g*r) or (n, g*r))
         self._bank: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.bank: Bank | None = None
 
@@ -176,17 +176,47 @@ class AdapterRegistry:
 
     # -------------------------------------------------------------------- bank
     def load_bank(self, bank: Bank | str | os.PathLike, prefix: str = "") -> list[AdapterInfo]:
-        """Make every entry of a bank servable as `prefix + name`. One bank per engine."""
+        """Make every entry of a bank servable as `prefix + name`. One bank per engine.
+
+        The bank's per-module bases are fused per linear group (q|k|v, gate|up) so one call per
+        group does the work: V's side by side (K, d_in, g·r), U block-diagonal (K, d_out, g·r),
+        cores block-diagonal (n, g·r, g·r) or, for JD-Diag, concatenated (n, g·r). The zero blocks
+        cost a few r-wide FLOPs; the saved kernel launches are what matters at decode sizes.
+        """
         if not isinstance(bank, Bank):
             bank = Bank.load(bank)
         if self.bank is not None:
             raise ValueError("a bank is already loaded; an engine serves one bank (grow it with Bank.add)")
-        tensors = {}
+        per_module = {}
         for info in bank.slots:
-            key = self._check_slot("bank", info.name, info.in_features, info.out_features)
-            cast = lambda t: t.to(self.device, self.dtype).contiguous()  # noqa: E731
-            tensors[key] = (cast(bank.U[info.name]), cast(bank.V[info.name]), cast(bank.sigma[info.name]))
-        self._bank, self.bank = tensors, bank
+            per_module[self._check_slot("bank", info.name, info.in_features, info.out_features)] = info.name
+        fused = {}
+        r, k, n = bank.rank, bank.num_clusters, len(bank.entries)
+        diag = bank.method == "jd-diag"
+        for layer in range(self.config.num_layers):
+            for group, modules in FUSED_GROUPS.items():
+                present = [m for m in modules if (layer, m) in per_module]
+                if not present:
+                    continue
+                d_in = self.config.module_shape(modules[0])[0]
+                outs = [self.config.module_shape(m)[1] for m in modules]
+                rg = r * len(present)
+                U = torch.zeros(k, sum(outs), rg)
+                V = torch.zeros(k, d_in, rg)
+                S = torch.zeros(n, rg) if diag else torch.zeros(n, rg, rg)
+                for j, m in enumerate(present):
+                    name = per_module[(layer, m)]
+                    off = sum(outs[: modules.index(m)])
+                    cols = slice(j * r, (j + 1) * r)
+                    U[:, off: off + outs[modules.index(m)], cols] = bank.U[name].float()
+                    V[:, :, cols] = bank.V[name].float()
+                    if diag:
+                        S[:, cols] = bank.sigma[name].float()
+                    else:
+                        S[:, cols, cols] = bank.sigma[name].float()
+                cast = lambda t: t.to(self.device, self.dtype).contiguous()  # noqa: E731
+                fused[(layer, group)] = (cast(U), cast(V), cast(S))
+        self._bank, self.bank = fused, bank
         return [self._new(prefix + e.name, kind="bank", index=e.index, cluster=e.cluster, r=e.r,
                           config=e.config, alora_invocation_tokens=e.alora_invocation_tokens)
                 for e in bank.entries]
@@ -243,16 +273,17 @@ class LoraBatch:
 
     def __call__(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
         reg = self.reg
+        if self.bank is not None:
+            t = reg._bank.get((layer, group))
+            if t is not None:
+                c, a, groups = self.bank
+                bank_lora(x, t[1], t[2], t[0], c, a, y, groups=groups)
+        if self.dense is None:
+            return
+        ids, groups = self.dense
         for module in FUSED_GROUPS[group]:
-            off, size = self._offsets[module]
-            ys = y[:, off: off + size] if size != y.shape[1] else y  # (N, d_out) view
-            if self.dense is not None:
-                stacks = reg._dense.get((layer, module))
-                if stacks is not None:
-                    ids, groups = self.dense
-                    dense_lora(x, stacks[0], stacks[1], ids, ys, groups=groups)
-            if self.bank is not None:
-                t = reg._bank.get((layer, module))
-                if t is not None:
-                    c, a, groups = self.bank
-                    bank_lora(x, t[1], t[2], t[0], c, a, ys, groups=groups)
+            stacks = reg._dense.get((layer, module))
+            if stacks is not None:
+                off, size = self._offsets[module]
+                ys = y[:, off: off + size] if size != y.shape[1] else y  # (N, d_out) view
+                dense_lora(x, stacks[0], stacks[1], ids, ys, groups=groups)

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
-import warnings
 
-import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when @triton.jit decorates a kernel, i.e. when serving.kernels
+# is imported: set it before any test module imports it, so the kernels run on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

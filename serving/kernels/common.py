@@ -1,0 +1,287 @@
+"""What bank_lora and dense_lora share: grouping the tokens of a batch by basis (cluster or
+adapter), argument checks, the grouped torch path, and benchmark helpers.
+
+Grouping follows SGMV (Punica, Chen et al., 2023): tokens that share a basis are made
+contiguous so the shrink and expand are matrix products over a group, not per-token GEMVs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INT_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass
+class BankGroups:
+    """The adapted tokens of one batch, sorted by cluster. `group_by_cluster` builds it once per
+    forward; every layer's call then reuses it with no host sync and no sorting."""
+
+    n_tokens: int
+    """T, the batch size the groups were built for."""
+    token_idx: torch.Tensor
+    """(n,) int64 rows of the adapted tokens, stably sorted by cluster."""
+    core_idx: torch.Tensor
+    """(n,) int64 core (adapter) id of each of those rows."""
+    clusters: list[int]
+    """Cluster id of each group, ascending."""
+    bounds: list[tuple[int, int]]
+    """[start, end) of each group in `token_idx`."""
+    identity: bool
+    """token_idx == arange(T): every token is adapted and already in cluster order."""
+    single_core: int | None
+    """The core id shared by every adapted token, or None."""
+    max_core: int
+    """Largest core id (-1 when no token is adapted): lets each call range-check for free."""
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_adapted(self) -> int:
+        return self.token_idx.numel()
+
+    @property
+    def pad_size(self) -> int:
+        """m, the largest group: the padded layout has len(clusters) * m slots."""
+        return max((e - b for b, e in self.bounds), default=0)
+
+    def tiles(self, block_size_m: int) -> torch.Tensor:
+        """(3, n_tiles) int32 rows (group id, start, length): each group cut into runs of at
+        most block_size_m tokens, one Triton program row each. Cached per forward."""
+        key = ("tiles", block_size_m)
+        if key not in self._cache:
+            rows = [
+                (k, s, min(block_size_m, end - s))
+                for k, (begin, end) in zip(self.clusters, self.bounds)
+                for s in range(begin, end, block_size_m)
+            ]
+            tiles = torch.tensor(rows, dtype=torch.int32).T.contiguous()  # (3, n_tiles)
+            self._cache[key] = tiles.to(self.token_idx.device)
+        return self._cache[key]
+
+    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every group padded to m slots, for one bmm over all groups: token rows (G*m,), core
+        ids (G*m,), pad mask (G*m, 1) and group ids (G,). A pad repeats its group's last token,
+        so every index stays valid; the caller zeroes pad rows before they are added. Cached."""
+        if "padded" not in self._cache:
+            m = self.pad_size
+            pos = [min(b + j, e - 1) for b, e in self.bounds for j in range(m)]
+            pad = [b + j >= e for b, e in self.bounds for j in range(m)]
+            dev = self.token_idx.device
+            pos_t = torch.tensor(pos, device=dev)  # (G*m,)
+            self._cache["padded"] = (
+                self.token_idx.index_select(0, pos_t),
+                self.core_idx.index_select(0, pos_t),
+                torch.tensor(pad, device=dev).unsqueeze(1),
+                torch.tensor(self.clusters, device=dev),
+            )
+        return self._cache["padded"]
+
+
+def group_by_cluster(cluster_ids: torch.Tensor, core_ids: torch.Tensor) -> BankGroups:
+    """Sort the adapted tokens (core_ids >= 0) by cluster. One host sync; call once per forward
+    (dense LoRA reuses it as `group_by_cluster(adapter_ids, adapter_ids)`)."""
+    for name, ids in (("cluster_ids", cluster_ids), ("core_ids", core_ids)):
+        check_ids(name, ids, cluster_ids.numel(), cluster_ids.device)
+    T = cluster_ids.numel()
+    tok = torch.nonzero(core_ids >= 0).squeeze(1)  # (n,)
+    n = tok.numel()
+    if n == 0:
+        return BankGroups(T, tok, tok, [], [], False, None, -1)
+    clusters, order = torch.sort(cluster_ids.index_select(0, tok).long(), stable=True)  # (n,)
+    tok = tok.index_select(0, order)  # (n,)
+    core = core_ids.index_select(0, tok).long()  # (n,)
+    uniq, counts = torch.unique_consecutive(clusters, return_counts=True)  # (G,)
+    in_order = (tok == torch.arange(n, device=tok.device)).all().long()
+    # everything the host needs in one transfer: the sync is the cost on CUDA
+    host = torch.cat([uniq, counts, torch.stack([core.min(), core.max(), in_order])]).tolist()
+    G = uniq.numel()
+    ends = list(itertools.accumulate(host[G : 2 * G]))
+    bounds = list(zip([0] + ends[:-1], ends))
+    core_min, core_max, ordered = host[2 * G :]
+    single = core_min if core_min == core_max else None
+    return BankGroups(T, tok, core, host[:G], bounds, n == T and bool(ordered), single, core_max)
+
+
+def resolve_groups(groups, group_ids, core_ids, n_groups, n_cores, names) -> BankGroups:
+    """Build the groups if the caller did not, and range-check ids from their host copy."""
+    g = groups if groups is not None else group_by_cluster(group_ids, core_ids)
+    if g.n_tokens != group_ids.numel():
+        raise ValueError(f"groups: built for {g.n_tokens} tokens, the batch has {group_ids.numel()}")
+    if g.clusters and not (0 <= g.clusters[0] and g.clusters[-1] < n_groups):
+        raise ValueError(
+            f"{names[0]}: ids of adapted tokens span [{g.clusters[0]}, {g.clusters[-1]}], "
+            f"accepted [0, {n_groups})"
+        )
+    if g.max_core >= n_cores:
+        raise ValueError(f"{names[1]}: max id {g.max_core}, accepted [0, {n_cores}) or -1")
+    return g
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_tensor(name, t, ndim, doc, dtype, device, contiguous=True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor {doc}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor {doc}, got shape {tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(
+            f"{name}: dtype {t.dtype} differs from x's {dtype}; the float tensors must share one "
+            f"of {', '.join(str(d) for d in FLOAT_DTYPES)}"
+        )
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, x is on {device}; all tensors must share a device")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous, got strides {t.stride()}; call .contiguous()")
+
+
+def check_ids(name, ids, T, device) -> None:
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in INT_DTYPES:
+        got = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"{name}: expected an int32/int64 tensor (T,), got {got}")
+    if ids.shape != (T,):
+        raise ValueError(f"{name}: expected shape ({T},) (one id per token), got {tuple(ids.shape)}")
+    if ids.device != device:
+        raise ValueError(f"{name}: on {ids.device}, x is on {device}; all tensors must share a device")
+
+
+def check_io(x: torch.Tensor, y: torch.Tensor) -> None:
+    """x: (T, d_in) contiguous float; y: (T, d_out) same dtype, rows may be strided."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor (T, d_in), got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: dtype {x.dtype}, accepted {', '.join(str(d) for d in FLOAT_DTYPES)}")
+    check_tensor("x", x, 2, "(T, d_in)", x.dtype, x.device)
+    check_tensor("y", y, 2, "(T, d_out)", x.dtype, x.device, contiguous=False)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y: expected {x.shape[0]} rows (T, d_out) like x, got {tuple(y.shape)}")
+    if y.stride(1) != 1 or (x.shape[0] > 1 and y.stride(0) < y.shape[1]):
+        raise ValueError(f"y: needs unit column stride and non-overlapping rows, got strides {y.stride()}")
+
+
+# ----------------------------------------------------------------------------- torch path
+
+Core = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def use_padded(g: BankGroups) -> bool:
+    """One bmm over padded groups costs ~9 torch ops whatever the number of groups G; the
+    per-group loop costs ~2G + 3. Python overhead, not flops, is the cost at decode sizes, so
+    pad once G >= 3 unless padding would more than double the rows (skewed groups)."""
+    return len(g.clusters) >= 3 and len(g.clusters) * g.pad_size <= 2 * g.n_adapted
+
+
+def lora_torch(x, V, U, y, g: BankGroups, core: Core | None = None) -> None:
+    """y[t] += core(x[t] @ V[k], core_id) @ U[k].T for the adapted tokens t of each group k.
+    V: (G, d_in, r), U: (G, d_out, r); core(z (n, r), core_ids (n,)) -> (n, r) or None."""
+    if g.n_adapted == 0:
+        return
+    if use_padded(g):
+        tok, core_idx, pad, ids = g.padded()
+        G, m = len(g.clusters), g.pad_size
+        every = G == V.shape[0]  # ids are unique and in range: G == K means ids == arange(K)
+        xp = x.index_select(0, tok).view(G, m, -1)  # (G, m, d_in)
+        z = torch.bmm(xp, V if every else _gather(V, ids)).view(G * m, -1)  # (G*m, r)
+        h = (z if core is None else core(z, core_idx)).masked_fill_(pad, 0.0)  # (G*m, r)
+        Ug = U if every else _gather(U, ids)  # (G, d_out, r)
+        out = torch.bmm(h.view(G, m, -1), Ug.transpose(1, 2))  # (G, m, d_out)
+        y.index_add_(0, tok, out.view(G * m, -1))
+        return
+    xs = x if g.identity else x.index_select(0, g.token_idx)  # (n, d_in)
+    z = _shrink(xs, V, g)  # (n, r)
+    _expand(z if core is None else core(z, g.core_idx), U, y, g)
+
+
+def _gather(t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """t[ids] along dim 0, copying in t's memory order: a strided index_select of a transposed
+    view (dense lora_A) is ~5x slower than gathering the contiguous tensor and transposing."""
+    if t.is_contiguous() or not t.transpose(1, 2).is_contiguous():
+        return t.index_select(0, ids)
+    return t.transpose(1, 2).index_select(0, ids).transpose(1, 2)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D a. With b row-major (d, r) and 1 < r < 16, MKL's sgemm is ~3x slower than
+    the same product transposed (torch 2.13 CPU: 300 vs 100 us at d=4096, r=8, T=64). Batched
+    (bmm) products have no such consistent rule across shapes, so only mm takes this detour."""
+    if a.is_cpu and 1 < b.shape[-1] < 16 and b.stride(-1) == 1:
+        return (b.mT @ a.mT).mT
+    return a @ b
+
+
+def _shrink(xs: torch.Tensor, V: torch.Tensor, g: BankGroups) -> torch.Tensor:
+    """(n, r): each group's row block of xs (n, d_in) times V[k] (d_in, r)."""
+    if len(g.clusters) == 1:
+        return _mm(xs, V[g.clusters[0]])
+    return torch.cat([_mm(xs[b:e], V[k]) for k, (b, e) in zip(g.clusters, g.bounds)])
+
+
+def _expand(h: torch.Tensor, U: torch.Tensor, y: torch.Tensor, g: BankGroups) -> None:
+    """y[token_idx] += each group's row block of h (n, r) times U[k].T (r, d_out)."""
+    if g.identity:  # rows already in order: accumulate straight into y, no temporary
+        for k, (b, e) in zip(g.clusters, g.bounds):
+            y[b:e].addmm_(h[b:e], U[k].T)
+        return
+    if len(g.clusters) == 1:
+        out = h @ U[g.clusters[0]].T  # (n, d_out)
+    else:
+        out = h.new_empty(h.shape[0], U.shape[1])  # (n, d_out)
+        for k, (b, e) in zip(g.clusters, g.bounds):
+            torch.mm(h[b:e], U[k].T, out=out[b:e])
+    y.index_add_(0, g.token_idx, out)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def median_ms(fn, repeat: int = 30, warmup: int = 5) -> float:
+    """Median wall time of fn() in ms, warm-up excluded, CUDA synchronised."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def print_table(title: str, rows: list[tuple[str, float]]) -> None:
+    print(title)
+    print(f"  {'path':<30}{'ms':>9}{'vs ' + rows[0][0]:>18}")
+    for name, ms in rows:
+        print(f"  {name:<30}{ms:>9.4f}{ms / rows[0][1]:>17.2f}x")
+
+
+def bench_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--d-in", type=int, default=512)
+    p.add_argument("--d-out", type=int, default=512)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--adapters", type=int, default=1000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return p
+
+
+def machine_line(device: torch.device) -> str:
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return (
+        f"machine: {platform.machine()} {platform.processor() or ''} torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {device}{gpu}"
+    )
