@@ -38,7 +38,7 @@ class Engine:
         num_blocks = math.ceil(kv_cache_tokens / block_size)
         self.cache = KVCache(model.config, num_blocks, block_size, model.dtype, model.device)
         self.blocks = BlockManager(num_blocks)
-        self.registry = AdapterRegistry(model.config, model.dtype, model.device)
+        self.registry = AdapterRegistry(model.config, model.dtype, model.device, model=model)
         self._seqs: dict[int, Seq] = {}
         self._next_seq = 0
         self._arrivals = 0

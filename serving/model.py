@@ -26,9 +26,12 @@ FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_u
 
 
 class LoraHook(Protocol):
-    """Adds each token's adapter delta to a fused linear output, in place."""
+    """Adds each token's adapter delta to a fused linear output `y`, in place. `extra` holds the
+    columns an adapter registry folded into the weight beyond the base outputs (e.g. a shared
+    basis `x V`, computed by the same GEMM), or None."""
 
-    def __call__(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None: ...
+    def __call__(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor,
+                 extra: torch.Tensor | None) -> None: ...
 
 
 @dataclass
@@ -117,31 +120,22 @@ class Transformer:
         cos, sin = self._rope_tables(batch.positions)
         cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]  # (N, 1, hd)
         h = self.embed[batch.tokens]  # (N, D)
+        qkv_size = c.q_size + 2 * c.kv_size
         for i, lw in enumerate(self.layers):
             x = self._rms(h, lw.ln_attn)
-            qkv = _linear(x, lw.wqkv, lw.bqkv)  # (N, q + 2kv)
-            if lora is not None:
-                lora(i, "qkv", x, qkv)
+            qkv = _adapted(lora, i, "qkv", x, lw.wqkv, lw.bqkv, qkv_size)  # (N, q + 2kv)
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
             q = _rotate(q.view(n, c.num_heads, c.head_dim), cos, sin)  # (N, H, hd)
             k = _rotate(k.view(n, c.num_kv_heads, c.head_dim), cos, sin)  # (N, Hkv, hd)
             cache.k[i].index_copy_(0, batch.slot_mapping, k)
             cache.v[i].index_copy_(0, batch.slot_mapping, v.view(n, c.num_kv_heads, c.head_dim))
             a = self._attention(i, q, batch, cache)  # (N, H*hd)
-            o = _linear(a, lw.wo, lw.bo)
-            if lora is not None:
-                lora(i, "o", a, o)
-            h = h + o
+            h = h + _adapted(lora, i, "o", a, lw.wo, lw.bo, c.hidden_size)
             x = self._rms(h, lw.ln_mlp)
-            gu = _linear(x, lw.w_gate_up, lw.b_gate_up)  # (N, 2I)
-            if lora is not None:
-                lora(i, "gate_up", x, gu)
+            gu = _adapted(lora, i, "gate_up", x, lw.w_gate_up, lw.b_gate_up, 2 * c.intermediate_size)  # (N, 2I)
             gate, up = gu.chunk(2, dim=-1)
             m = F.silu(gate) * up
-            d = _linear(m, lw.w_down, lw.b_down)
-            if lora is not None:
-                lora(i, "down", m, d)
-            h = h + d
+            h = h + _adapted(lora, i, "down", m, lw.w_down, lw.b_down, c.hidden_size)
         return self._rms(h, self.norm)
 
     def _attention(self, layer: int, q: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
@@ -167,8 +161,16 @@ class Transformer:
         return (hidden @ self.lm_head.T).float()
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, w, b)
+def _adapted(lora: LoraHook | None, layer: int, group: str, x: torch.Tensor, w: torch.Tensor,
+             b: torch.Tensor | None, out: int) -> torch.Tensor:
+    """x @ w.T (+ b), then each token's adapter delta; rows of w beyond `out` are folded extras."""
+    y = F.linear(x, w, b)  # (N, out [+ extra])
+    extra = None
+    if y.shape[1] != out:
+        y, extra = y[:, :out], y[:, out:]
+    if lora is not None:
+        lora(layer, group, x, y, extra)
+    return y
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -158,12 +158,12 @@ def test_bank_at_full_rank_equals_the_dense_adapters(world, tmp_path):
         torch.testing.assert_close(_teacher_forced(engine, ids, "bank/" + d.name), dense, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["jd-full", "jd-diag"])
-def test_mixed_batch_of_64_equals_each_sequence_alone(world, tmp_path, method):
+@pytest.mark.parametrize("method, clusters", [("jd-full", 3), ("jd-diag", 3), ("jd-full", 1)])
+def test_mixed_batch_of_64_equals_each_sequence_alone(world, tmp_path, method, clusters):
     root, _ = world
     dense_dirs = _random_adapters(tmp_path, 24, seed=2, modules=tuple(ALL_MODULES))
     bank_dirs = _random_adapters(tmp_path, 39, seed=3)
-    bank = compress(load_collection([str(d) for d in bank_dirs]), CompressConfig(method=method, rank=6, clusters=3))
+    bank = compress(load_collection([str(d) for d in bank_dirs]), CompressConfig(method=method, rank=6, clusters=clusters))
     engine = Engine.from_pretrained(root / "base", kv_cache_tokens=4096, block_size=8)
     bank_names = [e.name for e in engine.load_bank(bank)]
     for d in dense_dirs:
