@@ -144,7 +144,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, nargs="+", default=[1, 8, 64, 512, 1000], help="distinct adapters resident")
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is reported")
+    ap.add_argument("--repeats", type=int, default=5, help="runs per configuration; the median is reported")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--intermediate", type=int, default=768)
     ap.add_argument("--layers", type=int, default=4)

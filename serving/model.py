@@ -106,7 +106,8 @@ class Transformer:
             n = max(need, 2 * self._cos.shape[0], 256)
             freqs = torch.outer(torch.arange(n, device=self.device, dtype=torch.float32), self.inv_freq)
             self._cos, self._sin = freqs.cos(), freqs.sin()  # (n, hd/2) fp32, like HF
-        return self._cos[positions].to(self.dtype), self._sin[positions].to(self.dtype)  # (N, hd/2)
+        return (self._cos.index_select(0, positions).to(self.dtype),
+                self._sin.index_select(0, positions).to(self.dtype))  # (N, hd/2)
 
     def _rms(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -119,7 +120,7 @@ class Transformer:
         n = batch.tokens.shape[0]
         cos, sin = self._rope_tables(batch.positions)
         cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]  # (N, 1, hd)
-        h = self.embed[batch.tokens]  # (N, D)
+        h = self.embed.index_select(0, batch.tokens)  # (N, D)
         qkv_size = c.q_size + 2 * c.kv_size
         for i, lw in enumerate(self.layers):
             x = self._rms(h, lw.ln_attn)
@@ -144,9 +145,11 @@ class Transformer:
         out = None
         for g in batch.groups:
             b, nq = g.q_rows.shape
-            qg = q[g.q_rows].transpose(1, 2)  # (B, H, Q, hd)
-            kg = cache.k[layer][g.key_slots].transpose(1, 2)  # (B, Hkv, L, hd)
-            vg = cache.v[layer][g.key_slots].transpose(1, 2)
+            qg = q.index_select(0, g.q_rows.view(-1)).view(b, nq, c.num_heads, c.head_dim).transpose(1, 2)  # (B, H, Q, hd)
+            # index_select, not advanced indexing: ~6x faster gathers on CPU (54 vs 345 us, B=64, L=64).
+            slots = g.key_slots.reshape(-1)
+            kg = cache.k[layer].index_select(0, slots).view(b, -1, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
+            vg = cache.v[layer].index_select(0, slots).view(b, -1, c.num_kv_heads, c.head_dim).transpose(1, 2)
             og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.masks[window], enable_gqa=True)
             og = og.transpose(1, 2).reshape(b * nq, c.q_size)  # (B*Q, H*hd)
             if g.covers_all:

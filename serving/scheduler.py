@@ -132,7 +132,7 @@ def _build(e: Engine, plan: list[tuple[Seq, int, int]]) -> tuple[ForwardBatch, l
         width = max(len(s.blocks) for s, *_ in decode)
         table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s, *_ in decode], device=dev)
         key_slots = (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(len(decode), -1)
-        key_slots = key_slots[:, : int(lens.max())]  # (B, L)
+        key_slots = key_slots[:, : int(lens.max())].contiguous()  # (B, L)
         kpos = torch.arange(key_slots.shape[1], device=dev)[None]  # (1, L)
         qpos = (lens - 1)[:, None]  # (B, 1)
         masks = {w: _mask(kpos, qpos, lens[:, None], w)[:, None, None, :] for w in windows}

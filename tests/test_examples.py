@@ -19,3 +19,16 @@ def test_compress_collection_example():
     # 3 planted groups: one shared basis cannot hold them, three clusters can.
     assert float(rows["jd-full, 3 clusters"][1]) < 0.05 < float(rows["jd-full"][1])
     assert "saved and reloaded 200 adapters" in proc.stdout
+
+
+def test_serve_adapters_example():
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "serve_adapters.py")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "resident adapters: 101" in out
+    rows = {line.split(":")[0].strip(): line.split(":")[1] for line in out.splitlines() if line.startswith(" ")}
+    # The dense PEFT adapter and its compressed twin in the bank generate the same tokens; base differs.
+    assert rows["dense_7"] == rows["adapter_0007"] != rows["base"]
+    assert out.count("'prefilled': 1, 'cached': 0, 'decoded': 6") == 4  # forks share the prompt

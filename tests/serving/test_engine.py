@@ -39,6 +39,14 @@ def test_prefix_cache_serves_repeated_prompts(engine, model_dir):
     assert engine.blocks.num_used == 0
 
 
+def test_chunked_prefill_equals_one_shot(model_dir):
+    small = Engine.from_pretrained(model_dir, kv_cache_tokens=1024, block_size=4, max_batch_tokens=7)
+    prompts = [list(range(3, 40)), list(range(20, 33))]
+    outs = small.generate(prompts, params=GREEDY)
+    assert [o.token_ids for o in outs] == [_fresh(model_dir, p).token_ids for p in prompts]
+    assert small.steps > 8  # 50 prompt tokens through a 7-token budget really were chunked
+
+
 def test_continuous_batching_join_and_leave(engine, model_dir):
     a, b = list(range(3, 20)), list(range(40, 50))
     sa = engine.open(a)

@@ -68,14 +68,14 @@ def test_decode_logits_match_transformers_step_by_step(variant):
         assert [t for t, _ in tl.top] == top.indices.tolist()
 
 
-def test_bf16_close_to_transformers(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_close_to_transformers(tmp_path, dtype):
     hf = make_tiny_model(tmp_path, "llama", seed=5)
-    engine = Engine.from_pretrained(tmp_path, dtype=torch.bfloat16, kv_cache_tokens=256)
+    engine = Engine.from_pretrained(tmp_path, dtype=dtype, kv_cache_tokens=256)
     prompt = list(range(3, 30))
     seq = engine.open(prompt[:1])
     scores = torch.tensor(engine.score(seq, prompt[1:]))
-    hf_bf16 = hf.to(torch.bfloat16)
-    lp = hf_logits(hf_bf16, prompt).log_softmax(-1)
+    lp = hf_logits(hf.to(dtype), prompt).log_softmax(-1)
     want = lp[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
     torch.testing.assert_close(scores, want, atol=0.05, rtol=0.05)
 
