@@ -84,21 +84,28 @@ def random_dense(engine: Engine, i: int, rank: int) -> LoraAdapter:
     return LoraAdapter(f"dense{i:04d}", {"r": rank, "lora_alpha": rank, "target_modules": list(MODULES)}, A, B)
 
 
-def decode(engine: Engine, adapters: list[str | None], prompts: list[list[int]], steps: int) -> tuple[float, float]:
-    """(decode tokens/s, median step ms) of one batch, prefill excluded."""
-    seqs = [engine.open(p, adapter=a) for p, a in zip(prompts, adapters)]
-    for s in seqs:
-        engine.submit(s, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
-    engine.step()  # prefill of the whole batch (+ first token)
-    times = []
-    while engine.has_work():
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    for s in seqs:
-        engine._seqs[s].job = None
-        engine.close(s)
-    return len(seqs) * len(times) / sum(times), 1000 * statistics.median(times)
+def decode(runs: dict[str, tuple[Engine, list[str | None]]], prompts: list[list[int]], steps: int) -> dict:
+    """Per config: (decode tokens/s, median step ms), prefill excluded. The configs decode side by
+    side, one step each in turn, so a slow phase of a noisy machine hits all of them alike."""
+    seqs = {}
+    for k, (engine, adapters) in runs.items():
+        seqs[k] = [engine.open(p, adapter=a) for p, a in zip(prompts, adapters)]
+        for s in seqs[k]:
+            engine.submit(s, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
+        engine.step()  # prefill of the whole batch (+ first token)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(steps):
+        for k, (engine, _) in runs.items():
+            t0 = time.perf_counter()
+            engine.step()
+            times[k].append(time.perf_counter() - t0)
+    out = {}
+    for k, (engine, _) in runs.items():
+        assert not engine.has_work()
+        for s in seqs[k]:
+            engine.close(s)
+        out[k] = (len(prompts) * len(times[k]) / sum(times[k]), 1000 * statistics.median(times[k]))
+    return out
 
 
 def hf_decode(model, ids: torch.Tensor, steps: int, adapter_names=None) -> float:
@@ -197,13 +204,12 @@ def main() -> None:
         pick = torch.randint(0, n, (BATCH,), generator=g).tolist()
         names = {"base": [None] * BATCH, "bank K=1": [f"bank{i:04d}" for i in pick],
                  "bank K=8": [f"bank{i:04d}" for i in pick], "dense": [f"dense{i:04d}" for i in pick]}
+        runs = {k: (e, names[k]) for k, e in engines.items() if not (k == "dense" and n > n_dense)}
         results: dict[str, list] = {k: [] for k in engines}
-        decode(engine, names["base"], prompts, 4)  # warm-up
-        for _ in range(a.repeats):  # interleaved, so drift on a noisy machine hits all alike
-            for k, e in engines.items():
-                if k == "dense" and n > n_dense:
-                    continue
-                results[k].append(decode(e, names[k], prompts, a.steps))
+        decode(runs, prompts, 4)  # warm-up
+        for _ in range(a.repeats):
+            for k, r in decode(runs, prompts, a.steps).items():
+                results[k].append(r)
         base_tps = statistics.median(r[0] for r in results["base"])
         for k, rs in results.items():
             if rs:

@@ -71,8 +71,12 @@ class AdapterRegistry:
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
         self.model = model
         """the Transformer, if its weights may be extended with folded shrink columns"""
-        # K=1 bank on CPU: V is folded into the base weight; (layer, group) -> (U (d_out, R), S + zero row)
-        self._folded: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        # K=1 bank on CPU: V is folded into the base weight; (layer, group) -> (Uᵀ (R, d_out), R, j):
+        # the group's cores are slot j of `_folded_cores[R]` (n + 1, J, R, R) or (n + 1, J, R), whose
+        # last row is zero (base tokens). One gather per R per forward serves every layer.
+        self._folded: dict[tuple[int, str], tuple[torch.Tensor, int, int]] = {}
+        self._folded_cores: dict[int, torch.Tensor] = {}
+        self._batch_cache: tuple[tuple[int, ...], LoraBatch] | None = None
         self._by_name: dict[str, AdapterInfo] = {}
         self._by_uid: dict[int, AdapterInfo] = {}
         self._next_uid = 0
@@ -107,6 +111,7 @@ class AdapterRegistry:
         return self._by_uid[uid]
 
     def _new(self, name: str, **kw) -> AdapterInfo:
+        self._batch_cache = None
         if not isinstance(name, str) or not name or name == "base" or ":" in name:
             raise ValueError(f"adapter name must be a non-empty string other than 'base' without ':', got {name!r}")
         if name in self._by_name:
@@ -196,7 +201,7 @@ class AdapterRegistry:
         per_module = {}
         for info in bank.slots:
             per_module[self._check_slot("bank", info.name, info.in_features, info.out_features)] = info.name
-        fused = {}
+        fused, cores_by_rank = {}, {}
         r, k, n = bank.rank, bank.num_clusters, len(bank.entries)
         diag = bank.method == "jd-diag"
         for layer in range(self.config.num_layers):
@@ -223,9 +228,13 @@ class AdapterRegistry:
                 cast = lambda t: t.to(self.device, self.dtype).contiguous()  # noqa: E731
                 if k == 1 and self.device.type == "cpu" and self.model is not None:
                     self._fold(layer, group, cast(V[0].T))
-                    self._folded[(layer, group)] = (cast(U[0]), cast(torch.cat([S, S[:1] * 0])))
+                    j = len(cores_by_rank.setdefault(rg, []))
+                    cores_by_rank[rg].append(torch.cat([S, S[:1] * 0]))
+                    self._folded[(layer, group)] = (cast(U[0].T), rg, j)
                 else:
                     fused[(layer, group)] = (cast(U), cast(V), cast(S))
+        self._folded_cores = {rg: torch.stack(c, 1).to(self.device, self.dtype).contiguous()
+                              for rg, c in cores_by_rank.items()}
         self._bank, self.bank = fused, bank
         return [self._new(prefix + e.name, kind="bank", index=e.index, cluster=e.cluster, r=e.r,
                           config=e.config, alora_invocation_tokens=e.alora_invocation_tokens)
@@ -245,6 +254,7 @@ class AdapterRegistry:
     # ------------------------------------------------------------------ unload
     def unload(self, name: str) -> AdapterInfo:
         info = self.get(name)
+        self._batch_cache = None
         del self._by_name[name], self._by_uid[info.uid]
         if info.kind == "dense":
             self._dense_free.append(info.index)
@@ -252,9 +262,15 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------------- batch
     def batch(self, uids: list[int]) -> LoraBatch | None:
-        """The per-forward LoRA hook for tokens carrying these uids (None when all are base)."""
+        """The per-forward LoRA hook for tokens carrying these uids (None when all are base).
+
+        Consecutive decode steps of the same sequences carry the same uids: the routing built for
+        the previous step is reused (the registry drops it whenever an adapter comes or goes)."""
         if all(u == BASE for u in uids):
             return None
+        key = tuple(uids)
+        if self._batch_cache is not None and self._batch_cache[0] == key:
+            return self._batch_cache[1]
         dense_ids, clusters, cores = [], [], []
         for u in uids:
             info = self._by_uid.get(u) if u != BASE else None
@@ -264,7 +280,9 @@ class AdapterRegistry:
                 dense_ids.append(info.index), clusters.append(-1), cores.append(-1)
             else:
                 dense_ids.append(-1), clusters.append(info.cluster), cores.append(info.index)
-        return LoraBatch(self, dense_ids, clusters, cores)
+        batch = LoraBatch(self, dense_ids, clusters, cores)
+        self._batch_cache = (key, batch)
+        return batch
 
 
 class LoraBatch:
@@ -277,14 +295,20 @@ class LoraBatch:
         if any(i >= 0 for i in dense_ids):
             ids = torch.tensor(dense_ids, dtype=torch.long, device=dev)
             self.dense = (ids, group_by_cluster(ids, ids))
-        self.bank = self.folded_cores = None
+        self.bank = self.folded = None
         if any(i >= 0 for i in cores):
             c = torch.tensor(clusters, dtype=torch.long, device=dev)
             a = torch.tensor(cores, dtype=torch.long, device=dev)
             if reg._bank:
                 self.bank = (c, a, group_by_cluster(c, a))
             if reg._folded:  # base tokens point at the appended zero core
-                self.folded_cores = torch.where(a >= 0, a, len(reg.bank.entries))
+                idx = torch.where(a >= 0, a, len(reg.bank.entries))
+                cores_by_rank = {rg: t.index_select(0, idx) for rg, t in reg._folded_cores.items()}
+                # Per group: Uᵀ and the tokens' cores, transposed and contiguous for the bmm.
+                self.folded = {}
+                for key, (ut, rg, j) in reg._folded.items():
+                    sj = cores_by_rank[rg][:, j]  # (N, R, R) or (N, R)
+                    self.folded[key] = (ut, sj.contiguous() if sj.dim() == 2 else sj.transpose(1, 2).contiguous())
         cfg = reg.config
         sizes = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
                  "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
@@ -298,11 +322,10 @@ class LoraBatch:
     def __call__(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor,
                  extra: torch.Tensor | None = None) -> None:
         reg = self.reg
-        if self.folded_cores is not None and extra is not None:
-            U, S = reg._folded[(layer, group)]
-            s = S.index_select(0, self.folded_cores)  # (N, R, R) or (N, R)
-            h = extra * s if s.dim() == 2 else torch.bmm(extra.unsqueeze(1), s.transpose(1, 2))[:, 0]  # (N, R)
-            y.addmm_(h, U.T)
+        if self.folded is not None and extra is not None:
+            ut, st = self.folded[(layer, group)]
+            h = extra * st if st.dim() == 2 else torch.bmm(extra.unsqueeze(1), st)[:, 0]  # (N, R): Σ_t (x V)
+            y.addmm_(h, ut)
         if self.bank is not None:
             t = reg._bank.get((layer, group))
             if t is not None:

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from .adapters import BASE, AdapterInfo, AdapterRegistry
-from .blocks import BlockManager, OutOfBlocks, block_key
-from .model import AttnGroup, ForwardBatch, KVCache, Transformer, load_model
-from .sampling import SamplingParams, sample, token_logprobs
+from .blocks import BlockManager
+from .model import KVCache, Transformer, load_model
+from .sampling import SamplingParams
+from .scheduler import run_step
 from .sequence import Completion, Counters, Delta, GenJob, ScoreJob, Seq, find_last
 
 
@@ -341,6 +342,4 @@ class Engine:
 
     def step(self) -> list[Delta]:
         """One forward over every active sequence's next tokens; returns streamed deltas."""
-        from .scheduler import run_step
-
         return run_step(self)
