@@ -71,6 +71,8 @@ class AdapterRegistry:
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
         self.model = model
         """the Transformer, if its weights may be extended with folded shrink columns"""
+        self.fold = self.device.type == "cpu"
+        """fold a one-cluster bank's basis into the base GEMM (CPU; CUDA runs the fused kernel)"""
         # K=1 bank on CPU: V is folded into the base weight; (layer, group) -> (Uᵀ (R, d_out), R, j):
         # the group's cores are slot j of `_folded_cores[R]` (n + 1, J, R, R) or (n + 1, J, R), whose
         # last row is zero (base tokens). One gather per R per forward serves every layer.
@@ -226,7 +228,7 @@ class AdapterRegistry:
                     else:
                         S[:, cols, cols] = bank.sigma[name].float()
                 cast = lambda t: t.to(self.device, self.dtype).contiguous()  # noqa: E731
-                if k == 1 and self.device.type == "cpu" and self.model is not None:
+                if k == 1 and self.fold and self.model is not None:
                     self._fold(layer, group, cast(V[0].T))
                     j = len(cores_by_rank.setdefault(rg, []))
                     cores_by_rank[rg].append(torch.cat([S, S[:1] * 0]))

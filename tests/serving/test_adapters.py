@@ -184,3 +184,44 @@ def test_mixed_batch_of_64_equals_each_sequence_alone(world, tmp_path, method, c
         outputs.add(tuple(got.token_ids))
     assert len(outputs) > 32  # the adapters really differ
     assert engine.blocks.num_used == 0
+
+
+def test_engine_through_the_triton_kernels_matches_the_torch_path(world, tmp_path, monkeypatch):
+    """What CUDA runs (no folding, Triton kernels), here under TRITON_INTERPRET=1, equals CPU."""
+    import serving.adapters as adapters_mod
+    from serving.kernels.bank_lora import bank_lora_triton
+    from serving.kernels.dense_lora import dense_lora_triton
+
+    root, _ = world
+    dense_dirs = _random_adapters(tmp_path, 3, seed=4, modules=tuple(ALL_MODULES))
+    bank = compress(load_collection([str(d) for d in _random_adapters(tmp_path, 6, seed=5)]),
+                    CompressConfig(method="jd-full", rank=4, clusters=1))
+
+    def build():
+        engine = Engine.from_pretrained(root / "base", kv_cache_tokens=512)
+        engine.registry.fold = False
+        names = [e.name for e in engine.load_bank(bank)]
+        for d in dense_dirs:
+            engine.load_adapter(d.name, d)
+        return engine, [None] + names[:3] + [d.name for d in dense_dirs]
+
+    params = SamplingParams(max_tokens=3, temperature=0, logprobs=0, ignore_eos=True)
+    prompts = [[5 + i, 9, 11, 3 + i] for i in range(7)]
+    engine, adapters = build()
+    want = engine.generate(prompts, adapter=adapters, params=params)
+    calls = {"bank": 0, "dense": 0}
+
+    def counted(kind, fn):
+        def wrapper(*args, **kwargs):
+            calls[kind] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(adapters_mod, "bank_lora", counted("bank", bank_lora_triton))
+    monkeypatch.setattr(adapters_mod, "dense_lora", counted("dense", dense_lora_triton))
+    engine, adapters = build()
+    got = engine.generate(prompts, adapter=adapters, params=params)
+    assert calls["bank"] > 0 and calls["dense"] > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    torch.testing.assert_close(torch.tensor([[t.logprob for t in o.logprobs] for o in got]),
+                               torch.tensor([[t.logprob for t in o.logprobs] for o in want]), atol=1e-4, rtol=1e-4)
