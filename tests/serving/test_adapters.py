@@ -158,14 +158,19 @@ def test_bank_at_full_rank_equals_the_dense_adapters(world, tmp_path):
         torch.testing.assert_close(_teacher_forced(engine, ids, "bank/" + d.name), dense, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method, clusters", [("jd-full", 3), ("jd-diag", 3), ("jd-full", 1)])
-def test_mixed_batch_of_64_equals_each_sequence_alone(world, tmp_path, method, clusters):
+# K=1 folds its basis into the base GEMM; K>1 runs the kernels (torch path on CPU).
+@pytest.mark.parametrize("method, clusters, rank", [("jd-full", 3, 6), ("jd-diag", 3, 6), ("jd-full", 1, 6),
+                                                    ("jd-full", 2, 2), ("jd-diag", 2, 2)])
+def test_mixed_batch_of_64_equals_each_sequence_alone(world, tmp_path, method, clusters, rank):
     root, _ = world
     dense_dirs = _random_adapters(tmp_path, 24, seed=2, modules=tuple(ALL_MODULES))
     bank_dirs = _random_adapters(tmp_path, 39, seed=3)
-    bank = compress(load_collection([str(d) for d in bank_dirs]), CompressConfig(method=method, rank=6, clusters=clusters))
+    bank = compress(load_collection([str(d) for d in bank_dirs]), CompressConfig(method=method, rank=rank, clusters=clusters))
     engine = Engine.from_pretrained(root / "base", kv_cache_tokens=4096, block_size=8)
     bank_names = [e.name for e in engine.load_bank(bank)]
+    # One cluster folds into the base GEMM on CPU; several run the kernels.
+    paths = (bool(engine.registry._folded), bool(engine.registry._bank))
+    assert paths == {(3, 6): (False, True), (1, 6): (True, False), (2, 2): (False, True)}[(clusters, rank)]
     for d in dense_dirs:
         engine.load_adapter(d.name, d)
     adapters = [None] + [d.name for d in dense_dirs] + bank_names
