@@ -230,3 +230,27 @@ def test_engine_through_the_triton_kernels_matches_the_torch_path(world, tmp_pat
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     torch.testing.assert_close(torch.tensor([[t.logprob for t in o.logprobs] for o in got]),
                                torch.tensor([[t.logprob for t in o.logprobs] for o in want]), atol=1e-4, rtol=1e-4)
+
+
+def test_unload_and_reload_under_the_same_name_never_serves_stale_cache(world, tmp_path):
+    root, _ = world
+    first, second = _random_adapters(tmp_path, 2, seed=6, modules=tuple(ALL_MODULES))
+    engine = Engine.from_pretrained(root / "base", kv_cache_tokens=512, block_size=4)
+    prompt = list(range(3, 30))
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True)
+    engine.load_adapter("task", first)
+    a = engine.generate([prompt], adapter="task", params=params)[0]
+    seq = engine.open([3, 4], adapter="task")
+    with pytest.raises(ValueError, match="in use"):
+        engine.unload_adapter("task")
+    engine.close(seq)
+    engine.unload_adapter("task")
+    assert "task" not in engine.adapters
+    with pytest.raises(KeyError, match="no adapter named 'task'"):
+        engine.generate([prompt], adapter="task", params=params)
+    engine.load_adapter("task", second)
+    b = engine.generate([prompt], adapter="task", params=params)[0]
+    assert b.counters.cached == 0  # the old adapter's blocks are keyed by its uid, not its name
+    fresh = Engine.from_pretrained(root / "base", kv_cache_tokens=512, block_size=4, adapters={"task": second})
+    assert b.token_ids == fresh.generate([prompt], adapter="task", params=params)[0].token_ids
+    assert [t.logprob for t in a.logprobs] != [t.logprob for t in b.logprobs]
