@@ -70,10 +70,6 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (layers, slots, Hkv, hd)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    @property
-    def bytes_per_block(self) -> int:
-        return 2 * self.k[:, : self.block_size].numel() * self.k.element_size()
-
 
 @dataclass
 class LayerWeights:
