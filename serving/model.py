@@ -135,6 +135,32 @@ class Transformer:
             h = h + _adapted(lora, i, "down", m, lw.w_down, lw.b_down, c.hidden_size)
         return self._rms(h, self.norm)
 
+    def forward_train(self, tokens: torch.Tensor, lora: LoraHook | None = None) -> torch.Tensor:
+        """Hidden states of right-padded sequences `tokens` (B, T) with full causal attention and no
+        cache, differentiable w.r.t. whatever `lora` adds (the trainer's adapters; base weights are
+        plain tensors). The hook gets (B, T, ·) activations and `extra=None`."""
+        c = self.config
+        b, t = tokens.shape
+        if any(w is not None for w in c.sliding_windows):
+            raise ValueError("forward_train does not implement sliding-window attention")
+        cos, sin = self._rope_tables(torch.arange(t, device=self.device))
+        cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]  # (T, 1, hd)
+        h = self.embed[tokens]  # (B, T, D)
+        for i, lw in enumerate(self.layers):
+            x = self._rms(h, lw.ln_attn)
+            qkv = _linear(lora, i, "qkv", x, lw.wqkv, lw.bqkv)  # (B, T, q + 2kv)
+            q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+            q = _rotate(q.view(b, t, c.num_heads, c.head_dim), cos, sin).transpose(1, 2)  # (B, H, T, hd)
+            k = _rotate(k.view(b, t, c.num_kv_heads, c.head_dim), cos, sin).transpose(1, 2)  # (B, Hkv, T, hd)
+            v = v.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            a = a.transpose(1, 2).reshape(b, t, c.q_size)  # (B, T, H*hd)
+            h = h + _linear(lora, i, "o", a, lw.wo, lw.bo)
+            x = self._rms(h, lw.ln_mlp)
+            gate, up = _linear(lora, i, "gate_up", x, lw.w_gate_up, lw.b_gate_up).chunk(2, dim=-1)
+            h = h + _linear(lora, i, "down", F.silu(gate) * up, lw.w_down, lw.b_down)
+        return self._rms(h, self.norm)
+
     def _attention(self, layer: int, q: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         c = self.config
         window = c.sliding_windows[layer]
@@ -169,6 +195,14 @@ def _adapted(lora: LoraHook | None, layer: int, group: str, x: torch.Tensor, w: 
         y, extra = y[:, :out], y[:, out:]
     if lora is not None:
         lora(layer, group, x, y, extra)
+    return y
+
+
+def _linear(lora: LoraHook | None, layer: int, group: str, x: torch.Tensor, w: torch.Tensor,
+            b: torch.Tensor | None) -> torch.Tensor:
+    y = F.linear(x, w, b)
+    if lora is not None:
+        lora(layer, group, x, y, None)
     return y
 
 

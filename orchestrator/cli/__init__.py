@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Callable
 
 from . import bank as bank_cmds
+from . import world as world_cmds
 from ._args import add_function
 
 COMMANDS: dict[str, Callable] = {
@@ -20,9 +21,12 @@ COMMANDS: dict[str, Callable] = {
     "bank export": bank_cmds.bank_export,
     "bank add": bank_cmds.bank_add,
     "make-collection": bank_cmds.make_collection,
+    "world build": world_cmds.world_build,
+    "world eval": world_cmds.world_eval,
 }
 
-GROUPS = {"bank": "inspect, export and grow a compressed adapter bank"}
+GROUPS = {"bank": "inspect, export and grow a compressed adapter bank",
+          "world": "build and evaluate the embedded default world (base model, skills, task bank)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,307 @@
+"""`kilolora world build`: train the default world from a seed.
+
+1. tokenizer (`tokenizer.py`), 2. base model pretrained on solutions (with and without tool
+blocks) and instructed transformations, 3. the base's own sampled solutions, labelled,
+4. every adapter at once — verifier, self-evaluation, tool selector and the task family — in one
+`MultiLora` through the serving model's layers, 5. PEFT export, 6. the task family compressed
+into one bank, 7. the manifest, 8. an evaluation recorded in the manifest. The world is built in
+a temporary sibling directory and moved into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from . import data
+from .spec import Skill
+from .tasks import Transform, problems, transform_family
+from .tokenizer import CHECK, EOS, SELECT, VERIFY, save_tokenizer
+from .train import MultiLora, TrainConfig, adamw_step, base_loss, export_peft, fit, lora_loss, multi_lora_step, peft_config
+from .world import FORMAT_VERSION, MANIFEST, World
+
+
+@dataclass
+class BuildConfig:
+    """Sizes of a world build (the defaults are the shipped world)."""
+
+    seed: int = 0
+    """seed of everything: data, initialisation, sampling"""
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    intermediate_size: int = 768
+    base_steps: int = 2400
+    """pretraining steps of the base model"""
+    base_batch: int = 64
+    base_lr: float = 2e-3
+    n_shift: int = 25
+    n_add: int = 9
+    n_replace: int = 266
+    n_checkers: int = 25
+    """per-task verifiers (of the first `shift` tasks) in the task family"""
+    sample_problems: int = 1500
+    """training problems the base samples solutions for (verifier / self-eval labels)"""
+    samples_per_problem: int = 4
+    sample_temperature: float = 1.0
+    adapter_steps: int = 1500
+    skill_batch: int = 48
+    task_batch: int = 128
+    adapter_lr: float = 4e-3
+    r: int = 8
+    lora_alpha: float = 16
+    bank_rank: int = 32
+    bank_clusters: int = 3
+    bank_method: str = "jd-full"
+    eval_problems: int = 200
+    eval_per_task: int = 8
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> BuildConfig:
+        """A micro world for tests: every stage runs, in seconds."""
+        return cls(seed=seed, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                   base_steps=40, base_batch=16, n_shift=2, n_add=1, n_replace=2, n_checkers=1, sample_problems=12,
+                   samples_per_problem=2, adapter_steps=12, skill_batch=8, task_batch=8, r=4, lora_alpha=8,
+                   bank_rank=4, bank_clusters=2, eval_problems=8, eval_per_task=3)
+
+
+SKILLS = [
+    Skill(name="verifier", role="verifier", adapter="verifier", activation="activated", invocation=VERIFY,
+          prompt="{context}" + VERIFY, output="yes_no",
+          description="outcome reward model: is this finished solution's answer right? (trained on the base's "
+                      "own samples)"),
+    Skill(name="self_eval", role="self_eval", adapter="self_eval", activation="activated", invocation=CHECK,
+          prompt="{context}" + CHECK, output="yes_no",
+          description="process reward: is the last step (ending with '.') right, given the steps before it?"),
+    Skill(name="tool_selector", role="tool_selector", adapter="tool_selector", activation="activated",
+          invocation=SELECT, prompt="{context}" + SELECT, output="text", stop=["[/CALC]"], max_tokens=24,
+          description="at a step boundary, propose `[CALC] expr [/CALC]` for the next step, or nothing"),
+]
+
+
+def family(cfg: BuildConfig) -> tuple[list[Transform], list[Transform]]:
+    """(task transforms, transforms that get a per-task verifier)."""
+    tr = transform_family(cfg.n_shift, cfg.n_add, cfg.n_replace, seed=cfg.seed)
+    return tr, tr[: cfg.n_checkers]
+
+
+def task_skills(cfg: BuildConfig) -> list[Skill]:
+    tr, checked = family(cfg)
+    out = [Skill(name=t.name, role="task", adapter=t.name, task=t.instruction, output="text", max_tokens=16,
+                 description=f"{t.instruction}: maps the user message to its transformation") for t in tr]
+    out += [Skill(name=f"check-{t.name}", role="verifier", adapter=f"check-{t.name}", activation="activated",
+                  invocation=VERIFY, prompt="{context}" + VERIFY, output="yes_no", task=t.instruction,
+                  description=f"per-task verifier: is the answer the `{t.instruction}` of the message?")
+            for t in checked]
+    return out
+
+
+def _progress(console=None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+def train_base(out: Path, tok, cfg: BuildConfig, progress) -> list[float]:
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(cfg.seed)
+    mc = LlamaConfig(vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                     num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                     num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=512,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                     tie_word_embeddings=False)
+    model = LlamaForCausalLM(mc)
+    enc = data.Encoder(tok)
+    train_problems = problems(20000 if cfg.base_steps > 100 else 200, cfg.seed, "train")
+    tr, _ = family(cfg)
+    sample = lambda rng, n: [data.base_example(enc, rng, train_problems, tr, cfg.seed) for _ in range(n)]  # noqa: E731
+    tc = TrainConfig(steps=cfg.base_steps, batch_size=cfg.base_batch, lr=cfg.base_lr, warmup=min(100, cfg.base_steps // 10),
+                     weight_decay=0.1, seed=cfg.seed)
+    model.train()
+    step = adamw_step(list(model.parameters()), lambda b: base_loss(model, b, tok.pad_token_id), tc.weight_decay)
+    losses = fit(step, sample, tc, "base model", progress)
+    model.eval()
+    model.save_pretrained(str(out))
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id).save_pretrained(str(out))
+    return losses
+
+
+def sample_solutions(base_dir: Path, cfg: BuildConfig, split: str = "train", n_problems: int | None = None,
+                     seed: int | None = None, progress=None) -> list[data.Sample]:
+    """The base model's own solutions (temperature `sample_temperature`), `samples_per_problem` each."""
+    from serving.engine import Engine
+    from serving.sampling import SamplingParams
+
+    engine = Engine.from_pretrained(base_dir, kv_cache_tokens=1 << 17)
+    enc = data.Encoder(engine.tokenizer)
+    seed = seed if seed is not None else cfg.seed + 1
+    probs = problems(n_problems if n_problems is not None else cfg.sample_problems, seed, split)
+    k = cfg.samples_per_problem
+    out: list[data.Sample] = []
+    chunk = 256
+    task = progress.add_task("sampling solutions", total=len(probs) * k, loss=float("nan")) if progress else None
+    jobs = [(p, j) for p in probs for j in range(k)]
+    for i in range(0, len(jobs), chunk):
+        part = jobs[i:i + chunk]
+        params = [SamplingParams(max_tokens=72, temperature=cfg.sample_temperature, seed=seed * 1000003 + i + n)
+                  for n in range(len(part))]
+        comps = engine.generate([enc.prompt(p.question) for p, _ in part], params=params)
+        out += [data.Sample(p, c.text, c.finish_reason == "stop") for (p, _), c in zip(part, comps)]
+        if progress:
+            progress.update(task, advance=len(part))
+    return out
+
+
+def train_adapters(base_dir: Path, tok, samples: list[data.Sample], cfg: BuildConfig, progress):
+    """All adapters in one MultiLora: rows 0..2 the skills, then the task family."""
+    from serving.model import load_model
+
+    model = load_model(base_dir)
+    enc = data.Encoder(tok)
+    tr, checked = family(cfg)
+    n_skills = len(SKILLS)
+    multi = MultiLora(model, n_skills + len(tr) + len(checked), r=cfg.r, lora_alpha=cfg.lora_alpha, seed=cfg.seed)
+    good = [s for s in samples if s.correct]
+    bad = [s for s in samples if not s.correct]
+    gold = [] if good else [data.Sample(s.problem, s.problem.solution(), True) for s in samples[:64]]
+    good = good or gold  # a base that never solves anything (tiny builds): reference solutions are the positives
+    steps_pool = [(s, k, ok) for s in samples + gold for k, ok in s.step_labels()]
+    steps_good = [x for x in steps_pool if x[2]]
+    steps_bad = [x for x in steps_pool if not x[2]]
+    sel_problems = problems(5000 if cfg.adapter_steps > 100 else 100, cfg.seed + 2, "train")
+
+    def skill_batch(rng: random.Random, n: int) -> list:
+        out = []
+        for _ in range(n):
+            u = rng.random()
+            if u < 0.45 and good and bad:  # verifier, balanced labels
+                out.append(data.verifier_example(enc, rng.choice(good if rng.random() < 0.5 else bad), 0))
+            elif u < 0.8 and steps_good and steps_bad:  # self-eval on one step, balanced labels
+                s, k, ok = rng.choice(steps_good if rng.random() < 0.5 else steps_bad)
+                steps = data.split_steps(s.text)
+                out.append(enc.invoked(data.self_eval_context(enc, s.problem, steps[: k + 1]), CHECK,
+                                       "Y" if ok else "N", adapter=1))
+            else:
+                out.append(data.selector_example(enc, rng, rng.choice(sel_problems), 2))
+        return out
+
+    def task_batch(rng: random.Random, n: int) -> list:
+        out = []
+        for _ in range(n):
+            j = rng.randrange(len(tr) + len(checked))
+            if j < len(tr):
+                out.append(data.task_example(enc, rng, tr[j], n_skills + j))
+            else:
+                out.append(data.checker_example(enc, rng, checked[j - len(tr)], n_skills + j))
+        return out
+
+    def sample(rng, n):
+        return skill_batch(rng, cfg.skill_batch), task_batch(rng, cfg.task_batch)
+
+    pad = tok.pad_token_id
+
+    def loss(batches):
+        skills, tasks = batches
+        return lora_loss(model, multi, skills, pad) + lora_loss(model, multi, tasks, pad)
+
+    tc = TrainConfig(steps=cfg.adapter_steps, batch_size=0, lr=cfg.adapter_lr, warmup=min(50, cfg.adapter_steps // 10),
+                     seed=cfg.seed + 3)
+    ids = lambda batches: torch.tensor([e.adapter for b in batches for e in b])  # noqa: E731
+    losses = fit(multi_lora_step(multi, loss, ids), sample, tc, f"{multi.n} adapters", progress)
+    return multi, losses
+
+
+def build(out: str | os.PathLike, cfg: BuildConfig | None = None, overwrite: bool = False, console=None,
+          evaluate_after: bool = True) -> World:
+    """Build a world into `out` (see the module docstring); returns it loaded."""
+    from compression.compress import CompressConfig, compress
+    from compression.peft_io import Collection
+
+    cfg = cfg if cfg is not None else BuildConfig()
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    try:
+        with _progress(console) as progress:
+            tok = save_tokenizer(tmp / "base")
+            t = time.perf_counter()
+            base_losses = train_base(tmp / "base", tok, cfg, progress)
+            timings["base"] = time.perf_counter() - t
+            t = time.perf_counter()
+            samples = sample_solutions(tmp / "base", cfg, progress=progress)
+            timings["sampling"] = time.perf_counter() - t
+            t = time.perf_counter()
+            multi, ad_losses = train_adapters(tmp / "base", tok, samples, cfg, progress)
+            timings["adapters"] = time.perf_counter() - t
+        t = time.perf_counter()
+        inv = {VERIFY: tok.convert_tokens_to_ids(VERIFY), CHECK: tok.convert_tokens_to_ids(CHECK),
+               SELECT: tok.convert_tokens_to_ids(SELECT)}
+        base_ref = "base"
+        for i, s in enumerate(SKILLS):
+            export_peft(multi, i, tmp / "skills" / s.name, peft_config(base_ref, cfg.r, cfg.lora_alpha, [inv[s.invocation]]))
+        fam = task_skills(cfg)
+        adapters = []
+        for j, s in enumerate(fam):
+            config = peft_config(base_ref, cfg.r, cfg.lora_alpha, [inv[s.invocation]] if s.invocation else None)
+            export_peft(multi, len(SKILLS) + j, tmp / "adapters" / s.name, config)
+            adapters.append(multi.adapter(len(SKILLS) + j, s.name, config))
+        bank = compress(Collection(adapters), CompressConfig(method=cfg.bank_method, rank=cfg.bank_rank,
+                                                             clusters=min(cfg.bank_clusters, len(adapters)),
+                                                             seed=cfg.seed))
+        bank.save(tmp / "bank")
+        timings["export_compress"] = time.perf_counter() - t
+        manifest = {
+            "format": FORMAT_VERSION, "name": "kilolora default world", "build": asdict(cfg),
+            "skills": [s.model_dump(exclude_defaults=True) for s in SKILLS + fam],
+            "tasks": [{"name": s.name, "role": s.role, "task": s.task} for s in fam],
+            "training": {"base_final_loss": _tail(base_losses), "adapters_final_loss": _tail(ad_losses),
+                         "samples": len(samples), "samples_correct": sum(s.correct for s in samples)},
+            "build_seconds": {k: round(v, 1) for k, v in timings.items()},
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if evaluate_after:
+            from .evaluate import evaluate
+
+            t = time.perf_counter()
+            report = evaluate(World.load(tmp), n_problems=cfg.eval_problems, per_task=cfg.eval_per_task,
+                              samples=cfg.samples_per_problem, seed=cfg.seed, console=console)
+            manifest["build_seconds"]["eval"] = round(time.perf_counter() - t, 1)
+            manifest["eval"] = report
+        manifest["build_seconds"]["total"] = round(time.perf_counter() - t0, 1)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return World.load(out)
+
+
+def _tail(losses: list[float], k: int = 50) -> float:
+    return round(sum(losses[-k:]) / max(1, len(losses[-k:])), 4)
+
+
+def config_fields() -> list[str]:
+    return [f.name for f in fields(BuildConfig)]
+
+
+__all__ = ["BuildConfig", "build", "SKILLS", "task_skills", "EOS"]

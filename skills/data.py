@@ -1,0 +1,162 @@
+"""Training examples of the default world, as token ids with the positions that carry loss.
+
+Texts are encoded segment by segment with a learn flag per segment (the tokenizer is one token
+per character, so segments concatenate exactly). The base model learns solutions, with tool
+blocks whose call and result it does *not* learn to write (the tool selector proposes the call,
+the calculator writes the result); instructed transformations. Skills learn their answers only.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .tasks import CALC_CLOSE, CALC_OPEN, Problem, Transform, corrupt, split_steps, step_ok
+from .tokenizer import CHECK, EOS, SELECT, VERIFY
+from .train import Example, lm_example
+
+
+@dataclass
+class Encoder:
+    """Chat-formatted encoding with per-segment learn flags."""
+
+    tokenizer: object
+
+    def ids(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def prompt(self, user: str) -> list[int]:
+        """`<bos><|user|>{user}<|end|><|assistant|>` as ids."""
+        return self.ids(self.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                                           add_generation_prompt=True))
+
+    def segments(self, parts: Sequence[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+        ids, learn = [], []
+        for text, flag in parts:
+            t = self.ids(text)
+            ids += t
+            learn += [flag] * len(t)
+        return ids, learn
+
+    def example(self, user: str, parts: Sequence[tuple[str, bool]], **kw) -> Example:
+        p = self.prompt(user)
+        ids, learn = self.segments(parts)
+        return lm_example(p + ids, len(p), [False] * len(p) + learn, **kw)
+
+    def invoked(self, context: list[int], invocation: str, answer: str, **kw) -> Example:
+        """An activated skill's example: context + invocation -> answer; the adapter covers
+        the positions from the invocation on."""
+        inv = self.ids(invocation)
+        ans = self.ids(answer)
+        tokens = context + inv + ans
+        return lm_example(tokens, len(context) + len(inv), start=len(context), **kw)
+
+
+def solution_parts(problem: Problem, tool: bool) -> list[tuple[str, bool]]:
+    """The solution's segments; with the tool, `[CALC]b*c[/CALC]=v` is not learned."""
+    parts: list[tuple[str, bool]] = []
+    for i, s in enumerate(problem.steps):
+        if i:
+            parts.append((" ", True))
+        if tool and s.op == "*":
+            parts += [(f"{CALC_OPEN}{s.expr}{CALC_CLOSE}={s.value}", False), (".", True)]
+        else:
+            parts.append((s.text(), True))
+    parts += [(f" Answer: {problem.answer}", True), (EOS, True)]
+    return parts
+
+
+def base_example(enc: Encoder, rng: random.Random, problems: Sequence[Problem], transforms: Sequence[Transform],
+                 seed: int) -> Example:
+    """One pretraining example: 45% plain solution, 25% tool-format solution, 30% instructed task."""
+    u = rng.random()
+    if u < 0.7:
+        p = rng.choice(problems)
+        return enc.example(p.question, solution_parts(p, tool=u >= 0.45))
+    t = rng.choice(transforms)
+    x = t.make_input(rng)
+    return enc.example(f"{t.instruction}: {x}", [(t.apply(x), True), (EOS, True)])
+
+
+# ------------------------------------------------------------------------------------ skills
+
+
+@dataclass
+class Sample:
+    """One of the base model's own solutions to a problem."""
+
+    problem: Problem
+    text: str
+    finished: bool
+
+    @property
+    def correct(self) -> bool:
+        from .tasks import parse_answer
+
+        return self.finished and parse_answer(self.text) == self.problem.answer
+
+    def step_labels(self) -> list[tuple[int, bool]]:
+        """(k, step k ok) for the steps up to and including the first wrong one."""
+        steps = split_steps(self.text)
+        out = []
+        for k in range(len(steps)):
+            ok = step_ok(self.problem, steps, k)
+            out.append((k, ok))
+            if not ok:
+                break
+        return out
+
+
+def verifier_context(enc: Encoder, problem: Problem, solution: str) -> list[int]:
+    """What the verifier reads: the conversation with the finished solution (its `<|end|>`)."""
+    return enc.prompt(problem.question) + enc.ids(solution + EOS)
+
+
+def self_eval_context(enc: Encoder, problem: Problem, steps: Sequence[str]) -> list[int]:
+    """What the step checker reads: the conversation up to the end of the step to judge."""
+    return enc.prompt(problem.question) + enc.ids(" ".join(steps))
+
+
+def selector_context(enc: Encoder, problem: Problem, done: str) -> list[int]:
+    """What the tool selector reads: the conversation up to a step boundary (`done` ends with a
+    space, or is empty at the start of the solution)."""
+    return enc.prompt(problem.question) + enc.ids(done)
+
+
+def selector_target(step) -> str:
+    """Call the calculator for products; nothing (end) for additions and for the answer."""
+    return f"{CALC_OPEN}{step.expr}{CALC_CLOSE}" if step is not None and step.op == "*" else EOS
+
+
+def verifier_example(enc: Encoder, s: Sample, adapter: int) -> Example:
+    return enc.invoked(verifier_context(enc, s.problem, s.text), VERIFY, "Y" if s.correct else "N", adapter=adapter)
+
+
+def self_eval_examples(enc: Encoder, s: Sample, adapter: int) -> list[Example]:
+    steps = split_steps(s.text)
+    return [enc.invoked(self_eval_context(enc, s.problem, steps[: k + 1]), CHECK, "Y" if ok else "N", adapter=adapter)
+            for k, ok in s.step_labels()]
+
+
+def selector_example(enc: Encoder, rng: random.Random, problem: Problem, adapter: int) -> Example:
+    done, step = rng.choice(problem.prefixes(tool=rng.random() < 0.7))
+    return enc.invoked(selector_context(enc, problem, done), SELECT, selector_target(step), adapter=adapter)
+
+
+def task_example(enc: Encoder, rng: random.Random, t: Transform, adapter: int) -> Example:
+    x = t.make_input(rng)
+    return enc.example(x, [(t.apply(x), True), (EOS, True)], adapter=adapter)
+
+
+def checker_context(enc: Encoder, x: str, candidate: str) -> list[int]:
+    return enc.prompt(x) + enc.ids(candidate + EOS)
+
+
+def checker_example(enc: Encoder, rng: random.Random, t: Transform, adapter: int) -> Example:
+    """A per-task verifier: is `candidate` the task's output for `x`? (half are near misses)"""
+    x = t.make_input(rng)
+    y = t.apply(x)
+    good = rng.random() < 0.5
+    cand = y if good else corrupt(y, t.alphabet, rng)
+    return enc.invoked(checker_context(enc, x, cand), VERIFY, "Y" if good else "N", adapter=adapter)

@@ -1,0 +1,95 @@
+"""`kilolora world build --quick` end to end (real subprocesses): every output loads with
+transformers / peft, peft reproduces the engine on every exported adapter, and `world eval`
+reports every field."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serving.engine import Engine
+from skills.spec import Skill
+from skills.world import World
+from tests.orchestrator.test_cli import kilolora
+
+FIELDS = ["base_greedy_accuracy", "verifier_auroc", "self_eval_auroc", "tool_selector_precision",
+          "tool_selector_recall", "sample_accuracy", "pass_at_2", "majority_of_2", "verifier_best_of_2"]
+
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("w") / "world"
+    proc = kilolora("world", "build", "--quick", "--out", out, "--seed", 1)
+    assert "built" in proc.stderr and "base model" in proc.stderr  # the progress bars went to stderr
+    return World.load(out)
+
+
+def test_quick_build_writes_a_complete_world(quick_world):
+    m = quick_world.manifest
+    assert m["build"]["seed"] == 1 and m["build_seconds"]["total"] > 0
+    roles = {s.role for s in quick_world.skills()}
+    assert roles == {"verifier", "self_eval", "tool_selector", "task"}
+    assert all(isinstance(s, Skill) for s in quick_world.skills())
+    assert len(quick_world.tasks) == 2 + 1 + 2 + 1  # shift, add, replace, one per-task verifier
+    assert quick_world.has_uncompressed()
+    for f in FIELDS:
+        assert f in m["eval"]
+    assert not list(quick_world.path.parent.glob(".world.*"))  # no temp dir left behind
+
+
+def test_outputs_load_with_transformers_and_peft_reproduces_the_engine(quick_world):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(quick_world.base_dir))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "12*34+5"}], tokenize=False, add_generation_prompt=True)
+    engine = Engine.from_pretrained(quick_world.base_dir)
+    dirs = {s.name: quick_world.skill_dir(s.name) for s in quick_world.skills() if s.role != "task"
+            and not s.name.startswith("check-")}
+    dirs.update({t["name"]: quick_world.adapters_dir / t["name"] for t in quick_world.tasks})
+    assert len(dirs) == 3 + len(quick_world.tasks)
+    for name, d in dirs.items():
+        skill = quick_world.skill(name)
+        ids = tok.encode(skill.render(prompt + "12*34=408. ") + "Y", add_special_tokens=False)
+        engine.load_adapter(name, d)
+        seq = engine.open(ids[:1])
+        got = torch.tensor(engine.score(seq, ids[1:], adapter=name))
+        engine.close(seq)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(quick_world.base_dir)), str(d))
+        with torch.no_grad():
+            logits = model.eval()(input_ids=torch.tensor([ids])).logits[0]
+            with model.disable_adapter():
+                base = model(input_ids=torch.tensor([ids])).logits[0]
+        assert (logits - base).abs().max() > 1e-4, name  # the adapter was trained: it changes the output
+        want = F.log_softmax(logits[:-1].float(), -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_world_eval_json_reports_every_field(quick_world):
+    report = json.loads(kilolora("world", "eval", "--world", quick_world.path, "--json", "--problems", 6,
+                                 "--samples", 2, "--per-task", 2).stdout)
+    for f in FIELDS:
+        assert f in report
+    tasks = report["tasks"]
+    assert tasks["uncompressed_source"] == "live" and tasks["count"] == len(quick_world.tasks)
+    assert set(tasks["accuracy"]) == {"bank", "base", "uncompressed"}
+    assert "normalised_score" in tasks and 0 <= report["base_greedy_accuracy"] <= 1
+    assert report["bank"]["adapters"] == len(quick_world.tasks) and 0 < report["bank"]["params_saved"] < 1
+    table = kilolora("world", "eval", "--world", quick_world.path, "--problems", 3, "--samples", 2,
+                     "--per-task", 1).stdout
+    assert "verifier AUROC" in table and "normalised score" in table
+
+
+def test_world_commands_refuse_bad_input(quick_world, tmp_path):
+    proc = kilolora("world", "build", "--quick", "--out", quick_world.path, check=False)
+    assert proc.returncode == 1 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+    proc = kilolora("world", "eval", "--world", tmp_path, check=False)
+    assert proc.returncode == 1 and "not a kilolora world" in proc.stderr
+    proc = kilolora("world", "eval", "--world", quick_world.path, "--problems", 0, check=False)
+    assert proc.returncode == 1 and "--problems" in proc.stderr
