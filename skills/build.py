@@ -53,9 +53,9 @@ class BuildConfig:
     """training problems the base samples solutions for (verifier / self-eval labels)"""
     samples_per_problem: int = 4
     sample_temperature: float = 1.0
-    adapter_steps: int = 1500
+    adapter_steps: int = 1400
     skill_batch: int = 48
-    task_batch: int = 128
+    task_batch: int = 160
     adapter_lr: float = 4e-3
     r: int = 8
     lora_alpha: float = 16
@@ -212,21 +212,26 @@ def train_adapters(base_dir: Path, tok, samples: list[data.Sample], cfg: BuildCo
         return skill_batch(rng, cfg.skill_batch), task_batch(rng, cfg.task_batch)
 
     pad = tok.pad_token_id
+    parts: list[tuple[float, float]] = []
 
     def loss(batches):
         skills, tasks = batches
-        return lora_loss(model, multi, skills, pad) + lora_loss(model, multi, tasks, pad)
+        ls, lt = lora_loss(model, multi, skills, pad), lora_loss(model, multi, tasks, pad)
+        parts.append((float(ls.detach()), float(lt.detach())))
+        return ls + lt
 
     tc = TrainConfig(steps=cfg.adapter_steps, batch_size=0, lr=cfg.adapter_lr, warmup=min(50, cfg.adapter_steps // 10),
                      seed=cfg.seed + 3)
     ids = lambda batches: torch.tensor([e.adapter for b in batches for e in b])  # noqa: E731
-    losses = fit(multi_lora_step(multi, loss, ids), sample, tc, f"{multi.n} adapters", progress)
-    return multi, losses
+    fit(multi_lora_step(multi, loss, ids), sample, tc, f"{multi.n} adapters", progress)
+    return multi, {"skills": [a for a, _ in parts], "tasks": [b for _, b in parts]}
 
 
 def build(out: str | os.PathLike, cfg: BuildConfig | None = None, overwrite: bool = False, console=None,
-          evaluate_after: bool = True) -> World:
-    """Build a world into `out` (see the module docstring); returns it loaded."""
+          evaluate_after: bool = True, reuse_base: str | os.PathLike | None = None) -> World:
+    """Build a world into `out` (see the module docstring); returns it loaded. `reuse_base`: take
+    the base model from that checkpoint directory instead of pretraining it (a previous build's
+    `base/` with the same seed and sizes; its manifest records that it was reused)."""
     from compression.compress import CompressConfig, compress
     from compression.peft_io import Collection
 
@@ -242,7 +247,11 @@ def build(out: str | os.PathLike, cfg: BuildConfig | None = None, overwrite: boo
         with _progress(console) as progress:
             tok = save_tokenizer(tmp / "base")
             t = time.perf_counter()
-            base_losses = train_base(tmp / "base", tok, cfg, progress)
+            if reuse_base is not None:
+                _copy_base(Path(reuse_base), tmp / "base", cfg)
+                base_losses = []
+            else:
+                base_losses = train_base(tmp / "base", tok, cfg, progress)
             timings["base"] = time.perf_counter() - t
             t = time.perf_counter()
             samples = sample_solutions(tmp / "base", cfg, progress=progress)
@@ -271,9 +280,11 @@ def build(out: str | os.PathLike, cfg: BuildConfig | None = None, overwrite: boo
             "format": FORMAT_VERSION, "name": "kilolora default world", "build": asdict(cfg),
             "skills": [s.model_dump(exclude_defaults=True) for s in SKILLS + fam],
             "tasks": [{"name": s.name, "role": s.role, "task": s.task} for s in fam],
-            "training": {"base_final_loss": _tail(base_losses), "adapters_final_loss": _tail(ad_losses),
+            "training": {"base_final_loss": _tail(base_losses) if base_losses else None,
+                         "skills_final_loss": _tail(ad_losses["skills"]), "tasks_final_loss": _tail(ad_losses["tasks"]),
                          "samples": len(samples), "samples_correct": sum(s.correct for s in samples)},
             "build_seconds": {k: round(v, 1) for k, v in timings.items()},
+            "base_reused_from": str(reuse_base) if reuse_base is not None else None,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -294,6 +305,18 @@ def build(out: str | os.PathLike, cfg: BuildConfig | None = None, overwrite: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return World.load(out)
+
+
+def _copy_base(src: Path, dst: Path, cfg: BuildConfig) -> None:
+    """Copy a pretrained base's weights and config, checking they have this build's sizes."""
+    conf = json.loads((src / "config.json").read_text())
+    want = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads, "intermediate_size": cfg.intermediate_size}
+    bad = {k: (conf.get(k), v) for k, v in want.items() if conf.get(k) != v}
+    if bad:
+        raise ValueError(f"--reuse-base {src}: sizes differ from this build's (have, want): {bad}")
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy2(src / name, dst / name)
 
 
 def _tail(losses: list[float], k: int = 50) -> float:

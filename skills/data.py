@@ -146,11 +146,11 @@ def selector_example(enc: Encoder, rng: random.Random, problem: Problem, adapter
 
 def task_example(enc: Encoder, rng: random.Random, t: Transform, adapter: int) -> Example:
     x = t.make_input(rng)
-    return enc.example(x, [(t.apply(x), True), (EOS, True)], adapter=adapter)
+    return enc.example(t.prompt(x), [(t.apply(x), True), (EOS, True)], adapter=adapter)
 
 
-def checker_context(enc: Encoder, x: str, candidate: str) -> list[int]:
-    return enc.prompt(x) + enc.ids(candidate + EOS)
+def checker_context(enc: Encoder, t: Transform, x: str, candidate: str) -> list[int]:
+    return enc.prompt(t.prompt(x)) + enc.ids(candidate + EOS)
 
 
 def checker_example(enc: Encoder, rng: random.Random, t: Transform, adapter: int) -> Example:
@@ -159,4 +159,4 @@ def checker_example(enc: Encoder, rng: random.Random, t: Transform, adapter: int
     y = t.apply(x)
     good = rng.random() < 0.5
     cand = y if good else corrupt(y, t.alphabet, rng)
-    return enc.invoked(checker_context(enc, x, cand), VERIFY, "Y" if good else "N", adapter=adapter)
+    return enc.invoked(checker_context(enc, t, x, cand), VERIFY, "Y" if good else "N", adapter=adapter)

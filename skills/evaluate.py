@@ -45,11 +45,6 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     return u / (len(pos) * len(neg))
 
 
-def transform_of(task: str) -> Transform:
-    family, arg = task.split(" ", 1)
-    return Transform(family, arg)
-
-
 def yes_no_scores(engine, contexts: Sequence[list[int]], invocation: str, adapters: Sequence[str | None],
                   yes: str = "Y", no: str = "N", chunk: int = 128) -> list[float]:
     """P(yes) after `context + invocation` under each adapter, via the engine's scoring."""
@@ -184,16 +179,16 @@ def _eval_tasks(engine, enc, world: World, per_task: int, seed: int, has_full: b
         variants["uncompressed"] = lambda n: "full/" + n
     gen_items, chk_items = [], []
     for t in tasks:
-        tr = transform_of(t["task"])
+        tr = Transform.parse(t["task"])
         rng = random.Random(f"eval:{seed}:{t['name']}")
         for x in tr.inputs(per_task, seed + 17, "test"):
             if t["role"] == "task":
-                gen_items.append((t["name"], enc.prompt(x), tr.apply(x)))
+                gen_items.append((t["name"], enc.prompt(tr.prompt(x)), tr.apply(x)))
             else:
                 y = tr.apply(x)
                 good = rng.random() < 0.5
                 cand = y if good else data.corrupt(y, tr.alphabet, rng)
-                chk_items.append((t["name"], data.checker_context(enc, x, cand), good))
+                chk_items.append((t["name"], data.checker_context(enc, tr, x, cand), good))
     correct: dict[str, dict[str, list[bool]]] = {v: collections.defaultdict(list) for v in variants}
     for v, name_of in variants.items():
         comps = _generate(engine, [p for _, p, _ in gen_items], [name_of(n) for n, _, _ in gen_items], 16)

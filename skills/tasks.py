@@ -8,8 +8,9 @@ proposes the call, the calculator inserts `=1813`, and the model continues.
 
 Transformations map a short string to another: `shift k` (Caesar shift of letters), `add k`
 (add k to every digit mod 10) and `replace x y` (every x becomes y). The base model learns them
-with the instruction in the prompt (`shift 3: hello` -> `khoor`); a task adapter learns one of
-them with the bare input (`hello` -> `khoor`), so hundreds of adapters are each a real skill.
+with the full instruction in the prompt (`shift 3: hello` -> `khoor`); a task adapter learns one
+of them from the operation alone (`shift: hello` -> `khoor` is the adapter `shift-3`), so each of
+hundreds of adapters carries real knowledge the prompt lacks.
 
 Every generator is driven by a `random.Random`; a stable hash puts 1 in 8 problems / inputs in
 the held-out split, which training never sees.
@@ -165,6 +166,19 @@ class Transform:
     @property
     def name(self) -> str:
         return f"{self.family}-{self.arg.replace(' ', '')}"
+
+    @classmethod
+    def parse(cls, instruction: str) -> Transform:
+        """`shift 3` -> Transform("shift", "3")."""
+        family, _, arg = instruction.partition(" ")
+        if family not in ("shift", "add", "replace") or not arg:
+            raise ValueError(f"not a transformation: {instruction!r} (expected e.g. 'shift 3', 'add 7', 'replace e a')")
+        return cls(family, arg)
+
+    def prompt(self, x: str) -> str:
+        """The user message a task adapter answers: the operation, not its parameter
+        (`shift: hello`; the adapter `shift-3` knows k = 3)."""
+        return f"{self.family}: {x}"
 
     @property
     def alphabet(self) -> str:

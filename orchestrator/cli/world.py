@@ -16,7 +16,7 @@ err_console = Console(stderr=True)
 
 
 def world_build(*, out: str = "kilolora-world", seed: int = 0, quick: bool = False, overwrite: bool = False,
-                no_eval: bool = False) -> None:
+                no_eval: bool = False, reuse_base: str | None = None) -> None:
     """Train the default world from scratch: tokenizer, base model, skills, task family, bank.
 
     Stages: pretrain a small Llama on arithmetic solutions (with and without calculator blocks)
@@ -34,12 +34,15 @@ def world_build(*, out: str = "kilolora-world", seed: int = 0, quick: bool = Fal
       quick: tiny sizes, every stage, seconds
       overwrite: replace OUT if it exists
       no_eval: skip the evaluation recorded in world.json
+      reuse_base: take the base model from this checkpoint directory (a previous build's base/,
+        same seed and sizes) instead of pretraining it again (recorded in world.json)
     """
     from skills.build import BuildConfig, build
 
     cfg = BuildConfig.quick(seed) if quick else BuildConfig(seed=seed)
     t0 = time.perf_counter()
-    world = build(out, cfg, overwrite=overwrite, console=err_console, evaluate_after=not no_eval)
+    world = build(out, cfg, overwrite=overwrite, console=err_console, evaluate_after=not no_eval,
+                  reuse_base=reuse_base)
     err_console.print(f"built {world.path} in {time.perf_counter() - t0:.0f} s "
                       f"({len(world.tasks)} task adapters in the bank, {len(world.skills()) - len(world.tasks)} skills)")
     if "eval" in world.manifest:

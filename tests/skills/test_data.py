@@ -94,7 +94,11 @@ def test_transformations_against_brute_force():
                 assert all(b == (dst if a == src else a) for a, b in zip(x, y))
             bad = corrupt(y, t.alphabet, rng)
             assert bad != y and sum(a != b for a, b in zip(bad, y)) == 1
-    tr = Transform("shift", "3")
+    tr = Transform.parse("shift 3")
+    assert tr == Transform("shift", "3") and Transform.parse("replace e a").apply("hello") == "hallo"
+    with pytest.raises(ValueError, match="not a transformation"):
+        Transform.parse("reverse")
+    assert tr.prompt("hello") == "shift: hello"  # the operation, not its parameter
     assert tr.apply("xyz") == "abc" and set(tr.inputs(20, 0)).isdisjoint(tr.inputs(20, 0, "test"))
     assert set("".join(tr.inputs(50, 0))) <= set(LETTERS)
 
