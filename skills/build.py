@@ -16,12 +16,14 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from . import data
+from .evaluate import evaluate
 from .spec import Skill
 from .tasks import Transform, problems, transform_family
 from .tokenizer import CHECK, EOS, SELECT, VERIFY, save_tokenizer
@@ -223,7 +225,9 @@ def train_adapters(base_dir: Path, tok, samples: list[data.Sample], cfg: BuildCo
     tc = TrainConfig(steps=cfg.adapter_steps, batch_size=0, lr=cfg.adapter_lr, warmup=min(50, cfg.adapter_steps // 10),
                      seed=cfg.seed + 3)
     ids = lambda batches: torch.tensor([e.adapter for b in batches for e in b])  # noqa: E731
-    fit(multi_lora_step(multi, loss, ids), sample, tc, f"{multi.n} adapters", progress)
+    note = lambda: f"skills {_tail(parts_s, 20):.2f} tasks {_tail(parts_t, 20):.2f}"  # noqa: E731
+    parts_s, parts_t = _Parts(parts, 0), _Parts(parts, 1)
+    fit(multi_lora_step(multi, loss, ids), sample, tc, f"{multi.n} adapters", progress, note=note)
     return multi, {"skills": [a for a, _ in parts], "tasks": [b for _, b in parts]}
 
 
@@ -289,13 +293,15 @@ def build(out: str | os.PathLike, cfg: BuildConfig | None = None, overwrite: boo
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if evaluate_after:
-            from .evaluate import evaluate
-
             t = time.perf_counter()
-            report = evaluate(World.load(tmp), n_problems=cfg.eval_problems, per_task=cfg.eval_per_task,
-                              samples=cfg.samples_per_problem, seed=cfg.seed, console=console)
+            try:
+                manifest["eval"] = evaluate(World.load(tmp), n_problems=cfg.eval_problems, per_task=cfg.eval_per_task,
+                                            samples=cfg.samples_per_problem, seed=cfg.seed, console=console)
+            except Exception as e:  # noqa: BLE001 - an hour of training is not thrown away for an eval bug
+                warnings.warn(f"the world was built but its evaluation failed: {e!r}; run `kilolora world eval`",
+                              stacklevel=1)
+                manifest["eval_error"] = repr(e)
             manifest["build_seconds"]["eval"] = round(time.perf_counter() - t, 1)
-            manifest["eval"] = report
         manifest["build_seconds"]["total"] = round(time.perf_counter() - t0, 1)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if out.exists():
@@ -305,6 +311,19 @@ def build(out: str | os.PathLike, cfg: BuildConfig | None = None, overwrite: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return World.load(out)
+
+
+class _Parts:
+    """A read-only view of one column of [(skills, tasks)] losses."""
+
+    def __init__(self, parts, i):
+        self.parts, self.i = parts, i
+
+    def __getitem__(self, sl):
+        return [p[self.i] for p in self.parts[sl]]
+
+    def __len__(self):
+        return len(self.parts)
 
 
 def _copy_base(src: Path, dst: Path, cfg: BuildConfig) -> None:

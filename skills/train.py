@@ -242,7 +242,7 @@ def multi_lora_step(multi: MultiLora, loss_fn, adapter_ids: Callable[[object], t
 
 
 def fit(step: Step, sample: Callable[[random.Random, int], object], cfg: TrainConfig, desc: str,
-        progress=None) -> list[float]:
+        progress=None, note: Callable[[], str] | None = None) -> list[float]:
     """`sample(rng, batch_size)` -> `step(batch, lr)` for `cfg.steps` steps, with a progress bar
     showing the running loss. Returns the loss curve."""
     rng = random.Random(cfg.seed)
@@ -252,6 +252,8 @@ def fit(step: Step, sample: Callable[[random.Random, int], object], cfg: TrainCo
         losses.append(step(sample(rng, cfg.batch_size), _lr_at(i, cfg.steps, cfg.lr, cfg.warmup)))
         if progress is not None:
             progress.update(task, advance=1, loss=sum(losses[-20:]) / len(losses[-20:]))
+            if note is not None and i % 20 == 0:
+                progress.update(task, description=f"{desc} ({note()})")
     return losses
 
 
