@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from . import data
 from .evaluate import evaluate
 from .spec import Skill
 from .tasks import Transform, problems, transform_family
-from .tokenizer import CHECK, EOS, SELECT, VERIFY, save_tokenizer
+from .tokenizer import CHECK, SELECT, VERIFY, save_tokenizer
 from .train import MultiLora, TrainConfig, adamw_step, base_loss, export_peft, fit, lora_loss, multi_lora_step, peft_config
 from .world import FORMAT_VERSION, MANIFEST, World
 
@@ -38,34 +38,57 @@ class BuildConfig:
     seed: int = 0
     """seed of everything: data, initialisation, sampling"""
     hidden_size: int = 256
+    """base model width (the model is a Llama)"""
     num_layers: int = 4
+    """decoder layers"""
     num_heads: int = 8
+    """attention heads"""
     num_kv_heads: int = 4
+    """key/value heads (GQA)"""
     intermediate_size: int = 768
+    """MLP width"""
     base_steps: int = 2400
     """pretraining steps of the base model"""
     base_batch: int = 64
+    """pretraining examples per step"""
     base_lr: float = 2e-3
+    """pretraining peak learning rate"""
     n_shift: int = 25
+    """`shift k` task adapters (k = 1..n)"""
     n_add: int = 9
+    """`add k` task adapters (k = 1..n)"""
     n_replace: int = 266
+    """`replace x y` task adapters (random letter pairs)"""
     n_checkers: int = 25
     """per-task verifiers (of the first `shift` tasks) in the task family"""
     sample_problems: int = 1500
     """training problems the base samples solutions for (verifier / self-eval labels)"""
     samples_per_problem: int = 4
+    """sampled solutions per problem"""
     sample_temperature: float = 1.0
+    """temperature of those samples"""
     adapter_steps: int = 1400
+    """steps of the joint adapter training"""
     skill_batch: int = 48
+    """skill examples per step (verifier 45%, self-eval 35%, tool selector 20%)"""
     task_batch: int = 160
+    """task-family examples per step (adapters drawn uniformly)"""
     adapter_lr: float = 4e-3
+    """adapters' peak learning rate"""
     r: int = 8
+    """LoRA rank of every adapter (all seven projections)"""
     lora_alpha: float = 16
+    """LoRA alpha"""
     bank_rank: int = 32
+    """rank of the task bank's shared bases"""
     bank_clusters: int = 3
+    """clusters of the task bank"""
     bank_method: str = "jd-full"
+    """compression method of the task bank"""
     eval_problems: int = 200
+    """held-out problems of the evaluation recorded at build"""
     eval_per_task: int = 8
+    """held-out inputs per task adapter in that evaluation"""
 
     @classmethod
     def quick(cls, seed: int = 0) -> BuildConfig:
@@ -340,10 +363,3 @@ def _copy_base(src: Path, dst: Path, cfg: BuildConfig) -> None:
 
 def _tail(losses: list[float], k: int = 50) -> float:
     return round(sum(losses[-k:]) / max(1, len(losses[-k:])), 4)
-
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(BuildConfig)]
-
-
-__all__ = ["BuildConfig", "build", "SKILLS", "task_skills", "EOS"]
