@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .tasks import CALC_CLOSE, CALC_OPEN, Problem, Transform, corrupt, split_steps, step_ok
-from .tokenizer import CHECK, EOS, SELECT, VERIFY
+from .tokenizer import CHECK, EOS, NO, SELECT, VERIFY, YES
 from .train import Example, lm_example
 
 
@@ -130,12 +130,12 @@ def selector_target(step) -> str:
 
 
 def verifier_example(enc: Encoder, s: Sample, adapter: int) -> Example:
-    return enc.invoked(verifier_context(enc, s.problem, s.text), VERIFY, "Y" if s.correct else "N", adapter=adapter)
+    return enc.invoked(verifier_context(enc, s.problem, s.text), VERIFY, YES if s.correct else NO, adapter=adapter)
 
 
 def self_eval_examples(enc: Encoder, s: Sample, adapter: int) -> list[Example]:
     steps = split_steps(s.text)
-    return [enc.invoked(self_eval_context(enc, s.problem, steps[: k + 1]), CHECK, "Y" if ok else "N", adapter=adapter)
+    return [enc.invoked(self_eval_context(enc, s.problem, steps[: k + 1]), CHECK, YES if ok else NO, adapter=adapter)
             for k, ok in s.step_labels()]
 
 
@@ -153,10 +153,25 @@ def checker_context(enc: Encoder, t: Transform, x: str, candidate: str) -> list[
     return enc.prompt(t.prompt(x)) + enc.ids(candidate + EOS)
 
 
-def checker_example(enc: Encoder, rng: random.Random, t: Transform, adapter: int) -> Example:
-    """A per-task verifier: is `candidate` the task's output for `x`? (half are near misses)"""
-    x = t.make_input(rng)
+def checker_candidate(t: Transform, x: str, good: bool, rng: random.Random) -> str:
+    """The answer a per-task verifier judges: the task's output for `x`, or a wrong one. For
+    `replace a b` the wrong answers are the two ways a multi-adapter system gets it wrong: the
+    input unchanged (no adapter, or one that does nothing) and `a` replaced by another letter (a
+    sibling task's adapter). Other families: one character changed (a near miss)."""
     y = t.apply(x)
+    if good:
+        return y
+    if t.family == "replace":
+        a, b = t.arg.split()
+        cand = x if rng.random() < 0.5 else x.replace(a, rng.choice([c for c in t.alphabet if c not in (a, b)]))
+        if cand != y:
+            return cand
+    return corrupt(y, t.alphabet, rng)
+
+
+def checker_example(enc: Encoder, rng: random.Random, t: Transform, adapter: int) -> Example:
+    """A per-task verifier's example: is the candidate the task's output for `x`? (half are not)"""
+    x = t.make_input(rng)
     good = rng.random() < 0.5
-    cand = y if good else corrupt(y, t.alphabet, rng)
-    return enc.invoked(checker_context(enc, t, x, cand), VERIFY, "Y" if good else "N", adapter=adapter)
+    return enc.invoked(checker_context(enc, t, x, checker_candidate(t, x, good, rng)), VERIFY, YES if good else NO,
+                       adapter=adapter)

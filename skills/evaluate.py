@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from . import data
 from .spec import yes_probability
 from .tasks import CALC_CLOSE, CALC_OPEN, Transform, parse_answer, problems
-from .tokenizer import CHECK, SELECT, VERIFY
+from .tokenizer import CHECK, NO, SELECT, VERIFY, YES
 from .world import World
 
 
@@ -46,7 +46,7 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
 
 
 def yes_no_scores(engine, contexts: Sequence[list[int]], invocation: str, adapters: Sequence[str | None],
-                  yes: str = "Y", no: str = "N", chunk: int = 128) -> list[float]:
+                  yes: str = YES, no: str = NO, chunk: int = 128) -> list[float]:
     """P(yes) after `context + invocation` under each adapter, via the engine's scoring."""
     out = []
     for i in range(0, len(contexts), chunk):
@@ -185,9 +185,8 @@ def _eval_tasks(engine, enc, world: World, per_task: int, seed: int, has_full: b
             if t["role"] == "task":
                 gen_items.append((t["name"], enc.prompt(tr.prompt(x)), tr.apply(x)))
             else:
-                y = tr.apply(x)
                 good = rng.random() < 0.5
-                cand = y if good else data.corrupt(y, tr.alphabet, rng)
+                cand = data.checker_candidate(tr, x, good, rng)
                 chk_items.append((t["name"], data.checker_context(enc, tr, x, cand), good))
     correct: dict[str, dict[str, list[bool]]] = {v: collections.defaultdict(list) for v in variants}
     for v, name_of in variants.items():

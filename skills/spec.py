@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .tokenizer import NO, YES
+
 Role = Literal["verifier", "tool_selector", "self_eval", "task"]
 
 
@@ -31,8 +33,8 @@ class Skill(BaseModel):
     prompt: str = "{context}"
     """how the skill's input is laid out; `{context}` is the conversation so far"""
     output: Literal["yes_no", "text"] = "text"
-    yes: str = "Y"
-    no: str = "N"
+    yes: str = YES
+    no: str = NO
     stop: list[str] = Field(default_factory=list)
     """text skills: stop strings"""
     max_tokens: int = Field(default=32, ge=1, le=4096)

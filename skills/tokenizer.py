@@ -15,6 +15,11 @@ from pathlib import Path
 BOS, EOS, PAD, UNK = "<bos>", "<|end|>", "<pad>", "<unk>"
 ROLES = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "tool": "<|tool|>"}
 CALC_OPEN, CALC_CLOSE = "[CALC]", "[/CALC]"
+# The answers of yes/no skills. Lowercase on purpose: the base is pretrained on text where
+# lowercase letters are predicted and capitals almost never are, so the unembedding rows of capitals
+# stay untrained and no final hidden state can give `Y` more than ~37% probability; an adapter
+# (which cannot touch the unembedding) is then stuck near that cap. `y` and `n` reach ~100%.
+YES, NO = "y", "n"
 VERIFY, CHECK, SELECT = "<|verify|>", "<|check|>", "<|select|>"
 """invocations of the verifier, the self-evaluation and the tool selector skills"""
 

@@ -32,3 +32,25 @@ def test_serve_adapters_example():
     # The dense PEFT adapter and its compressed twin in the bank generate the same tokens; base differs.
     assert rows["dense_7"] == rows["adapter_0007"] != rows["base"]
     assert out.count("'prefilled': 1, 'cached': 0, 'decoded': 6") == 4  # forks share the prompt
+
+
+def test_world_skills_example():
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "world_skills.py")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    # the verifier reads the base's cached solution: only its invocation is computed
+    assert "(computed 2 new tokens; the 45 before them were already in the KV cache)" in out
+    ok, wrong = [float(line.split("= ")[1].split()[0]) for line in out.splitlines()
+                 if line.startswith("verifier:") and "for '" in line]
+    assert ok > wrong  # the right solution scores above the one with a wrong product
+    assert "tool selector:    [CALC]58*6[/CALC]" in out
+    step_ok, step_bad = [float(line.split("= ")[1].split()[0]) for line in out.splitlines()
+                         if line.startswith("self-eval:")]
+    assert step_ok > step_bad
+    # a task adapter from the bank performs its transformation; the base alone cannot
+    rows = [line.split(None, 1) for line in out.splitlines() if line.startswith("  ")]
+    assert rows[0] == ["shift-3", "shift: hello -> khoor, shift: world -> zruog"]
+    assert rows[1][0] == "base" and "khoor" not in rows[1][1]
+    assert rows[2] == ["add-7", "add: 12345 -> 89012, add: 2026 -> 9793"]

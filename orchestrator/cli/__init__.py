@@ -22,11 +22,12 @@ COMMANDS: dict[str, Callable] = {
     "bank add": bank_cmds.bank_add,
     "make-collection": bank_cmds.make_collection,
     "world build": world_cmds.world_build,
+    "world rebank": world_cmds.world_rebank,
     "world eval": world_cmds.world_eval,
 }
 
 GROUPS = {"bank": "inspect, export and grow a compressed adapter bank",
-          "world": "build and evaluate the embedded default world (base model, skills, task bank)"}
+          "world": "build, recompress and evaluate the embedded default world (base model, skills, task bank)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

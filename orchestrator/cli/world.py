@@ -1,4 +1,4 @@
-"""`kilolora world build` and `kilolora world eval`: rebuild and measure the embedded world.
+"""`kilolora world build`, `world rebank` and `world eval`: rebuild, recompress and measure a world.
 
 `skills` (and so torch) is imported inside the commands: `kilolora --help` stays fast.
 """
@@ -47,6 +47,42 @@ def world_build(*, out: str = "kilolora-world", seed: int = 0, quick: bool = Fal
                       f"({len(world.tasks)} task adapters in the bank, {len(world.skills()) - len(world.tasks)} skills)")
     if "eval" in world.manifest:
         _print_report(world.manifest["eval"])
+
+
+def world_rebank(*, world: str = "kilolora-world", method: str | None = None, rank: int | None = None,
+                 clusters: int | None = None, dtype: str | None = None, no_eval: bool = False) -> None:
+    """Recompress a built world's task family into a new bank, without retraining anything.
+
+    Reads the uncompressed task adapters in WORLD/adapters (written by `world build`), fits a new
+    bank with the given settings (the others keep the world's current ones), replaces WORLD/bank
+    and records the settings and a fresh evaluation in world.json. Seconds to a few minutes.
+
+    Example: kilolora world rebank --world kilolora-world --method jd-diag --rank 48 --clusters 20
+
+    Args:
+      world: a world directory built by `kilolora world build` (with its adapters/)
+      method: jd-full | jd-diag | svd (see `kilolora compress --help`)
+      rank: rank of the shared bases
+      clusters: number of clusters
+      dtype: float32 | float16 | bfloat16
+      no_eval: skip the evaluation
+    """
+    from skills.build import BankConfig, rebank
+    from skills.world import World
+
+    for name, v in (("rank", rank), ("clusters", clusters)):
+        if v is not None and v < 1:
+            raise ValueError(f"--{name} must be >= 1, got {v}")
+    b = World.load(world).manifest["build"]
+    cfg = BankConfig(method=method or b["bank_method"], rank=rank or b["bank_rank"],
+                     clusters=clusters or b["bank_clusters"], dtype=dtype or b.get("bank_dtype", "float32"),
+                     seed=b["seed"])
+    t0 = time.perf_counter()
+    w = rebank(world, cfg, console=err_console, evaluate_after=not no_eval)
+    err_console.print(f"rebanked {w.path} in {time.perf_counter() - t0:.0f} s ({cfg.method}, rank {cfg.rank}, "
+                      f"{cfg.clusters} clusters, {cfg.dtype})")
+    if "eval" in w.manifest:
+        _print_report(w.manifest["eval"])
 
 
 def world_eval(*, world: str | None = None, json: bool = False, problems: int = 200, per_task: int = 8,

@@ -54,7 +54,7 @@ def test_outputs_load_with_transformers_and_peft_reproduces_the_engine(quick_wor
     assert len(dirs) == 3 + len(quick_world.tasks)
     for name, d in dirs.items():
         skill = quick_world.skill(name)
-        ids = tok.encode(skill.render(prompt + "12*34=408. ") + "Y", add_special_tokens=False)
+        ids = tok.encode(skill.render(prompt + "12*34=408. ") + skill.yes, add_special_tokens=False)
         engine.load_adapter(name, d)
         seq = engine.open(ids[:1])
         got = torch.tensor(engine.score(seq, ids[1:], adapter=name))
@@ -93,3 +93,41 @@ def test_world_commands_refuse_bad_input(quick_world, tmp_path):
     assert proc.returncode == 1 and "not a kilolora world" in proc.stderr
     proc = kilolora("world", "eval", "--world", quick_world.path, "--problems", 0, check=False)
     assert proc.returncode == 1 and "--problems" in proc.stderr
+
+
+def test_world_rebank_recompresses_in_place(quick_world, tmp_path):
+    import shutil
+
+    from compression.bank import Bank
+    from compression.compress import CompressConfig, compress
+    from compression.peft_io import load_collection
+
+    world = tmp_path / "world"
+    shutil.copytree(quick_world.path, world)
+    proc = kilolora("world", "rebank", "--world", world, "--method", "jd-diag", "--rank", 3, "--clusters", 1,
+                    "--no-eval")
+    assert "rebanked" in proc.stderr
+    w = World.load(world)
+    b = w.manifest["build"]
+    assert (b["bank_method"], b["bank_rank"], b["bank_clusters"], b["bank_dtype"]) == ("jd-diag", 3, 1, "bfloat16")
+    assert "eval" not in w.manifest  # the old evaluation measured the old bank
+    bank = Bank.load(w.bank_dir)
+    names = [t["name"] for t in w.tasks]
+    assert sorted(bank.names) == sorted(names)
+    # the same bank as compressing the world's PEFT adapters directly
+    want = compress(load_collection([str(w.adapters_dir / n) for n in names]),
+                    CompressConfig(method="jd-diag", rank=3, clusters=1, seed=b["seed"], dtype="bfloat16"))
+    want.save(tmp_path / "want")
+    want = Bank.load(tmp_path / "want")
+    for n in names:
+        got, ref = bank.reconstruct(n), want.reconstruct(n)
+        assert got.keys() == ref.keys()
+        for k in got:
+            torch.testing.assert_close(got[k], ref[k])
+    assert not list(world.glob(".rebank.*"))
+    # a world without its uncompressed adapters (the embedded one) cannot be rebanked
+    shutil.rmtree(w.adapters_dir)
+    proc = kilolora("world", "rebank", "--world", world, "--rank", 2, check=False)
+    assert proc.returncode == 1 and "no uncompressed adapters" in proc.stderr and "Traceback" not in proc.stderr
+    proc = kilolora("world", "rebank", "--world", world, "--rank", 0, check=False)
+    assert proc.returncode == 1 and "--rank" in proc.stderr

@@ -9,7 +9,7 @@ import pytest
 from skills import data
 from skills.tasks import (LETTERS, Problem, Step, Transform, corrupt, is_heldout, parse_answer, problems,
                           split_steps, step_ok, transform_family)
-from skills.tokenizer import CALC_CLOSE, CALC_OPEN, CHECK, EOS, SELECT, VERIFY, save_tokenizer
+from skills.tokenizer import CALC_CLOSE, CALC_OPEN, CHECK, EOS, SELECT, VERIFY, YES, save_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,21 @@ def test_examples_learn_only_their_answers(tok):
     s = data.Sample(p, p.solution(), True)
     v = data.verifier_example(enc, s, adapter=0)
     inv = v.tokens.index(tok.convert_tokens_to_ids(VERIFY))
-    assert v.start == inv and [t for t in v.targets if t != -100] == tok.encode("Y", add_special_tokens=False)
+    assert v.start == inv and [t for t in v.targets if t != -100] == tok.encode(YES, add_special_tokens=False)
     assert data.Sample(p, p.solution().replace("Answer: ", "Answer: 1"), True).correct is False
     sel = data.selector_example(enc, random.Random(1), p, adapter=2)
     assert sel.tokens[sel.start] == tok.convert_tokens_to_ids(SELECT)
+
+
+def test_checker_candidates_are_right_or_wrong_as_labelled():
+    rng = random.Random(3)
+    for t in transform_family(3, 2, 6, seed=0):
+        for _ in range(30):
+            x = t.make_input(rng)
+            assert data.checker_candidate(t, x, True, rng) == t.apply(x)
+            bad = data.checker_candidate(t, x, False, rng)
+            assert bad != t.apply(x) and len(bad) == len(x)
+    # replace: the wrong answers are the input unchanged or the letter replaced by another one
+    t = Transform.parse("replace a b")
+    seen = {data.checker_candidate(t, "xaya", False, random.Random(i)) for i in range(40)}
+    assert "xaya" in seen and any(s[1] not in "ab" and s[3] == s[1] for s in seen)
