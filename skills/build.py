@@ -387,7 +387,7 @@ def rebank(world_dir: str | os.PathLike, bank: BankConfig, console=None, evaluat
     tmp = Path(tempfile.mkdtemp(prefix=".rebank.", dir=world.path))
     try:
         new.save(tmp / "bank")
-        shutil.rmtree(world.bank_dir, ignore_errors=True)
+        os.rename(world.bank_dir, tmp / "old")  # swap: a bank is in place at every moment but this one
         os.rename(tmp / "bank", world.bank_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
