@@ -9,24 +9,24 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_compress_collection_example():
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "compress_collection.py")], capture_output=True, text=True, timeout=300
-    )
+def run_example(name: str) -> str:
+    """Run examples/NAME as a user would; its stdout (the run must succeed)."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    rows = {line[:22].strip(): line[22:].split() for line in proc.stdout.splitlines()[1:5]}
+    return out
+
+
+def test_compress_collection_example():
+    out = run_example("compress_collection.py")
+    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines()[1:5]}
     assert set(rows) == {"svd (per adapter)", "jd-full", "jd-diag", "jd-full, 3 clusters"}
     # 3 planted groups: one shared basis cannot hold them, three clusters can.
     assert float(rows["jd-full, 3 clusters"][1]) < 0.05 < float(rows["jd-full"][1])
-    assert "saved and reloaded 200 adapters" in proc.stdout
+    assert "saved and reloaded 200 adapters" in out
 
 
 def test_serve_adapters_example():
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "serve_adapters.py")], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    out = run_example("serve_adapters.py")
     assert "resident adapters: 101" in out
     rows = {line.split(":")[0].strip(): line.split(":")[1] for line in out.splitlines() if line.startswith(" ")}
     # The dense PEFT adapter and its compressed twin in the bank generate the same tokens; base differs.
@@ -35,11 +35,7 @@ def test_serve_adapters_example():
 
 
 def test_world_skills_example():
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / "world_skills.py")], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    out = run_example("world_skills.py")
     # the verifier reads the base's cached solution: only its invocation is computed
     assert "(computed 2 new tokens; the 45 before them were already in the KV cache)" in out
     ok, wrong = [float(line.split("= ")[1].split()[0]) for line in out.splitlines()
