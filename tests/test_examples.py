@@ -13,7 +13,7 @@ def run_example(name: str) -> str:
     """Run examples/NAME as a user would; its stdout (the run must succeed)."""
     proc = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    return out
+    return proc.stdout
 
 
 def test_compress_collection_example():
