@@ -283,13 +283,38 @@ class Engine:
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(seqs)
         for i, (seq, p) in enumerate(zip(seqs, plist)):
             self.submit(seq, p, seed_offset=i)
-        while any(self._seqs[q].job is not None and self._seqs[q].job.result is None for q in seqs):
+        return self.wait(seqs)
+
+    def submit_prefill(self, seq: int) -> bool:
+        """Compute an idle sequence's context now (all but its last token, which the next job
+        computes for its logits), so that forks taken afterwards share its KV blocks. Returns
+        False when there is nothing to compute; `wait` returns a `prefilled` Completion."""
+        s = self._seq(seq)
+        self._idle(s, "prefill")
+        if s.num_computed >= len(s.tokens) - 1:
+            return False
+        s.job = ScoreJob(logits_from=len(s.tokens) - 1)
+        s.arrival = self._arrivals
+        self._arrivals += 1
+        return True
+
+    def wait(self, seqs: Sequence[int]) -> list[Completion]:
+        """Step until the jobs submitted on `seqs` (generation or prefill) finish; the sequences
+        keep their output."""
+        for q in seqs:
+            if self._seq(q).job is None:
+                raise ValueError(f"sequence {q} has no job to wait for")
+        while any(self._active(self._seqs[q]) for q in seqs):
             self.step()
         out = []
         for q in seqs:
             s = self._seqs[q]
-            out.append(s.job.result)
-            s.job = None
+            job, s.job = s.job, None
+            if isinstance(job, ScoreJob):
+                out.append(Completion(q, [], "", "error" if job.error else "prefilled", counters=job.counters,
+                                      error=job.error))
+            else:
+                out.append(job.result)
         return out
 
     def generate(self, prompts: Sequence[str | Sequence[int]] | str, adapter: str | None | Sequence[str | None] = None,
