@@ -51,6 +51,8 @@ class Branch:
     node_seeds: int = 0
     node_adapter: str | None = None
     """the adapter the current node ran a model with (None: it ran none)"""
+    node_info: dict = field(default_factory=dict)
+    """what the current node adds to its trace event (e.g. its output text)"""
 
 
 @dataclass
@@ -101,6 +103,10 @@ class Ctx:
         if adapter != self.br.adapter:
             self.emit("adapter", **{"from": self.br.adapter or "base", "to": adapter or "base"})
             self.br.adapter = adapter
+
+    def note(self, **info) -> None:
+        """Add fields to this node's trace event."""
+        self.br.node_info.update(info)
 
     def put(self, name: str, value) -> None:
         if name not in type(self.state).model_fields:
@@ -267,8 +273,8 @@ class Executor:
         br.tokens = br.tokens + br.node_tokens
         self.emit(br.run, "node", branch=br.id, node=br.node, kind=self.graph.node(br.node).kind,
                   visit=br.visits[br.node], adapter=br.node_adapter, tokens=br.node_tokens.as_dict(),
-                  ms=round((time.perf_counter() - br.node_t0) * 1e3, 3))
-        br.node_tokens, br.node_adapter = Tokens(), None
+                  ms=round((time.perf_counter() - br.node_t0) * 1e3, 3), **br.node_info)
+        br.node_tokens, br.node_adapter, br.node_info = Tokens(), None, {}
 
     def _finish(self, br: Branch) -> None:
         if br.groups:

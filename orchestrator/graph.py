@@ -105,6 +105,7 @@ class Generate(Node):
         (res,) = yield [GenRequest(ctx.seq, adapter, self.max_tokens, temperature, self.top_p, list(self.stop),
                                    seed=ctx.seed())]
         ctx.count(res.tokens)
+        ctx.note(output=res.text, finish=res.finish_reason)
         ctx.state.finished = res.eos
         ctx.put(self.into, res.text)
 
@@ -135,6 +136,7 @@ class Score(Node):
         ctx.count(res.tokens)
         p = yes_probability(res.top_logprobs[0], skill.yes, skill.no)
         ctx.emit("score", skill=self.skill, value=round(p, 6))
+        ctx.note(score=round(p, 6))
         ctx.put(self.into, p)
 
     def label(self) -> str:
@@ -159,6 +161,7 @@ class Ask(Node):
         finally:
             ctx.backend.close(f)
         ctx.count(res.tokens)
+        ctx.note(output=res.text)
         ctx.put(self.into, res.text)
 
     def label(self) -> str:
@@ -290,23 +293,27 @@ def top(k: int = 1, key: str = "score") -> Callable[[list[State]], list[int]]:
     return select
 
 
-def weighted_majority(answer: Callable[[State], Any], weight: str = "score") -> Callable[[list[State]], list[int]]:
-    """Selector: group the states by `answer(state)` (None never wins), sum `weight` per answer,
-    keep the best-weighted state of the heaviest answer."""
+def weighted_majority(answer: Callable[[State], Any], weight: str | None = "score") -> Callable[[list[State]], list[int]]:
+    """Selector: group the states by `answer(state)` (None never wins), sum `weight` per answer
+    (1 per state with `weight=None`: plain majority), keep the best-weighted state of the
+    heaviest answer (ties: the earlier branch)."""
+
+    def w(s: State) -> float:
+        return 1.0 if weight is None else _num(getattr(s, weight))
 
     def select(states: list[State]) -> list[int]:
         totals: dict[Any, float] = {}
         for s in states:
             a = answer(s)
             if a is not None:
-                totals[a] = totals.get(a, 0.0) + _num(getattr(s, weight))
+                totals[a] = totals.get(a, 0.0) + w(s)
         if not totals:
-            return top(1, weight)(states)
-        best = max(totals, key=lambda a: totals[a])
+            return [0] if weight is None else top(1, weight)(states)
+        best = max(totals, key=lambda a: totals[a])  # first seen wins ties
         members = [i for i, s in enumerate(states) if answer(s) == best]
-        return [max(members, key=lambda i: (_num(getattr(states[i], weight)), -i))]
+        return [max(members, key=lambda i: (w(states[i]), -i))]
 
-    select.__name__ = f"weighted_majority({weight})"
+    select.__name__ = f"weighted_majority({weight})" if weight else "majority"
     return select
 
 
@@ -394,7 +401,8 @@ class Graph:
                 lines.append(f'  {_mid(name)}["{name}: {d["node"].label()}"]')
         for src, dst, d in self.g.edges(data=True):
             cond = d["when"]
-            lab = f"|{getattr(cond, '__name__', 'when')}|" if cond is not None else ""
+            cname = getattr(cond, "__name__", "when")
+            lab = f"|{cname if cname != '<lambda>' else 'when'}|" if cond is not None else ""
             lines.append(f"  {_mid(src)} -->{lab} {_mid(dst) if dst != END else 'END((end))'}")
         for name, d in self.g.nodes(data=True):
             if isinstance(d.get("node"), Rewind):

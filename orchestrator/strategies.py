@@ -56,21 +56,27 @@ def greedy_graph(max_tokens: int = 72, adapter: str | None = None) -> Graph:
     return g
 
 
-def best_of_n_graph(n: int = 8, generator: str | None = None, verifier: str = "verifier", aggregate: str = "max",
-                    temperature: float = 1.0, max_tokens: int = 72, evidence=None) -> Graph:
-    """Fork n samples, score each with the verifier, join on `aggregate`: `max` (the highest
-    score) or `weighted_majority` (the answer with the largest summed score)."""
+def best_of_n_graph(n: int = 8, generator: str | None = None, verifier: str | None = "verifier",
+                    aggregate: str = "max", temperature: float = 1.0, max_tokens: int = 72) -> Graph:
+    """Fork n samples (from the base, or the `generator` adapter), score each with the verifier,
+    join on `aggregate`: `max` (the highest score) or `weighted_majority` (the answer with the
+    largest summed score). `verifier=None` with `weighted_majority` is plain majority vote."""
     if aggregate not in ("max", "weighted_majority"):
         raise ValueError(f"aggregate must be 'max' or 'weighted_majority', got {aggregate!r}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    select = top(1) if aggregate == "max" else weighted_majority(answer_of)
-    g = Graph(Solution, f"best_of_{n}_{aggregate}")
+    if verifier is None and aggregate == "max":
+        raise ValueError("aggregate='max' needs a verifier")
+    select = top(1) if aggregate == "max" else weighted_majority(answer_of, "score" if verifier else None)
+    g = Graph(Solution, f"best_of_{n}_{aggregate if verifier else 'majority'}")
     g.add("fork", Fork(n))
     g.add("sample", Generate(adapter=generator, max_tokens=max_tokens, temperature=temperature))
-    g.add("verify", Score(verifier, evidence=evidence))
     g.add("pick", Join(select=select))
-    g.chain("fork", "sample", "verify", "pick")
+    if verifier:
+        g.add("verify", Score(verifier))
+        g.chain("fork", "sample", "verify", "pick")
+    else:
+        g.chain("fork", "sample", "pick")
     return g
 
 
@@ -108,15 +114,15 @@ def backtrack_graph(checker: str = "self_eval", threshold: float = 0.5, max_retr
 
 
 def agent_graph(checker: str = "self_eval", verifier: str = "verifier", selector: str = "tool_selector",
-                threshold: float = 0.5, max_retries: int = 2, verify_threshold: float = 0.5, max_restarts: int = 1,
-                evidence=None) -> Graph:
+                threshold: float = 0.5, max_retries: int = 2, verify_threshold: float = 0.5,
+                max_restarts: int = 1) -> Graph:
     """The full agent: tool insertion, step checks with backtracking, and a final verification
     that restarts the whole solution (sampling) when the verifier rejects it."""
     g = Graph(Solution, "agent")
     g.add("begin", Call(lambda s: {"attempt": s.retry}))
     _add_checked_steps(g, checker, threshold, max_retries, True, selector)
     g.edge("begin", "select")
-    g.add("verify", Score(verifier, evidence=evidence))
+    g.add("verify", Score(verifier))
     g.add("restart", Rewind(to="begin", max_retries=max_restarts))
     g.edge("next", "verify", when=_stopped)
     g.edge("next", "space")

@@ -3,8 +3,9 @@
 Events (each has `event`, `run`, `t` = seconds since the executor started):
 
 - `run_start` (graph, prompt, seed) and `run_end` (text, token totals, steps);
-- `node`: a node finished on a branch: kind, visit, the adapter in use, tokens
-  (`prefilled` / `reused` from cache / `decoded`) and milliseconds;
+- `node`: a node finished on a branch: kind, visit, the adapter it ran (if any), tokens
+  (`prefilled` / `reused` from cache / `decoded`), milliseconds, and what it produced
+  (`output` text, `score`);
 - `adapter`: the branch switched adapter (`from`, `to`);
 - `tool`: a tool call (input, output, ok); `score`: a skill's score;
 - `fork` (children), `join` (branches, scores, kept), `rewind` (to, retry, tokens dropped).
@@ -108,7 +109,8 @@ def _label(e: dict) -> str:
         t = e["tokens"]
         who = f", {e['adapter']}" if e.get("adapter") else ""
         work = f": {t['prefilled']} prefilled, {t['reused']} reused, {t['decoded']} decoded" if any(t.values()) else ""
-        return f"{e['node']} ({e['kind']}{who}){work}, {e['ms']:.1f} ms"
+        out = f" -> {e['output']!r}" if e.get("output") else ""
+        return f"{e['node']} ({e['kind']}{who}){work}, {e['ms']:.1f} ms{out}"
     if ev == "adapter":
         return f"adapter {e['from']} -> {e['to']}"
     if ev == "tool":
@@ -125,4 +127,6 @@ def _label(e: dict) -> str:
 
 
 def _esc(text: str) -> str:
-    return text.replace("[", "\\[")
+    from rich.markup import escape
+
+    return escape(text)

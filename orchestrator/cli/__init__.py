@@ -12,10 +12,12 @@ import warnings
 from collections.abc import Callable
 
 from . import bank as bank_cmds
+from . import demo as demo_cmds
 from . import world as world_cmds
 from ._args import add_function
 
 COMMANDS: dict[str, Callable] = {
+    "demo": demo_cmds.demo,
     "compress": bank_cmds.compress,
     "bank info": bank_cmds.bank_info,
     "bank export": bank_cmds.bank_export,
