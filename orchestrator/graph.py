@@ -116,8 +116,9 @@ class Generate(Node):
 
 @dataclass
 class Score(Node):
-    """P(yes) of a yes/no skill after the sequence (plus `evidence(state)` text, e.g. a tool's
-    check, before the skill's invocation), into `into`; the sequence itself is unchanged."""
+    """P(yes) of a yes/no skill after the sequence, into `into`; the sequence is unchanged. A
+    skill that reads evidence after its invocation gets it from `evidence(state)`, or, for
+    `evidence="calculator"` skills, from the calculator tool run on every claim of the text."""
 
     skill: str = "verifier"
     into: str = "score"
@@ -126,9 +127,15 @@ class Score(Node):
 
     def run(self, ctx: Ctx):
         skill = ctx.skill(self.skill)
+        if self.evidence is not None:
+            evidence = self.evidence(ctx.state)
+        elif getattr(skill, "evidence", None) == "calculator":
+            evidence = calculator_evidence(ctx, ctx.state.text)
+        else:
+            evidence = ""
         (f,) = ctx.backend.fork(ctx.seq, 1)
         try:
-            ctx.backend.extend(f, (self.evidence(ctx.state) if self.evidence else "") + skill.suffix)
+            ctx.backend.extend(f, skill.suffix + evidence)
             ctx.use_adapter(skill.adapter)
             (res,) = yield [GenRequest(f, skill.adapter, max_tokens=1, temperature=0.0, logprobs=20)]
         finally:
@@ -141,6 +148,21 @@ class Score(Node):
 
     def label(self) -> str:
         return f"score [{self.skill}]"
+
+
+def calculator_evidence(ctx: Ctx, text: str) -> str:
+    """Run the calculator on every claim `a op b = c` of `text`; the evidence string a
+    calculator-checked skill reads (`skills.data.evidence`)."""
+    from skills.data import evidence
+    from skills.tasks import claims
+
+    found = claims(text)
+    results = [ctx.tool("calculator")(expr) for expr, _ in found]
+    if found:
+        ctx.emit("tool", tool="calculator", input="; ".join(e for e, _ in found),
+                 output="; ".join(r.output for r in results), ok=all(r.ok for r in results),
+                 ms=round(sum(r.seconds for r in results) * 1e3, 3))
+    return evidence([(e, claimed, r.output if r.ok else "error") for (e, claimed), r in zip(found, results)])
 
 
 @dataclass

@@ -76,6 +76,9 @@ class BuildConfig:
     checker_share: float = 0.25
     """share of the task batch for the per-task verifiers (they learn from one answer token per
     example, the transformations from every character); the rest is drawn uniformly over tasks"""
+    contrast_share: float = 0.5
+    """share of verifier / step-checker examples made from a right solution and its twin with one
+    wrong digit (the rest: the base's own samples)"""
     adapter_lr: float = 4e-3
     """adapters' peak learning rate"""
     r: int = 2
@@ -107,12 +110,13 @@ class BuildConfig:
 
 SKILLS = [
     Skill(name="verifier", role="verifier", adapter="verifier", activation="activated", invocation=VERIFY,
-          prompt="{context}" + VERIFY, output="yes_no",
-          description="outcome reward model: is this finished solution's answer right? (trained on the base's "
-                      "own samples)"),
+          prompt="{context}" + VERIFY, output="yes_no", evidence="calculator",
+          description="outcome reward model: is this finished solution's answer right? It reads the calculator's "
+                      "check of the solution's claims (trained on the base's own samples and on right/wrong twins)"),
     Skill(name="self_eval", role="self_eval", adapter="self_eval", activation="activated", invocation=CHECK,
-          prompt="{context}" + CHECK, output="yes_no",
-          description="process reward: is the last step (ending with '.') right, given the steps before it?"),
+          prompt="{context}" + CHECK, output="yes_no", evidence="calculator",
+          description="process reward: is the last step (ending with '.') right, given the steps before it? It reads "
+                      "the calculator's check of the claims so far"),
     Skill(name="tool_selector", role="tool_selector", adapter="tool_selector", activation="activated",
           invocation=SELECT, prompt="{context}" + SELECT, output="text", stop=["[/CALC]"], max_tokens=24,
           description="at a step boundary, propose `[CALC] expr [/CALC]` for the next step, or nothing"),
@@ -205,26 +209,17 @@ def train_adapters(base_dir: Path, tok, samples: list[data.Sample], cfg: BuildCo
     tr, checked = family(cfg)
     n_skills = len(SKILLS)
     multi = MultiLora(model, n_skills + len(tr) + len(checked), r=cfg.r, lora_alpha=cfg.lora_alpha, seed=cfg.seed)
-    good = [s for s in samples if s.correct]
-    bad = [s for s in samples if not s.correct]
-    gold = [] if good else [data.Sample(s.problem, s.problem.solution(), True) for s in samples[:64]]
-    good = good or gold  # a base that never solves anything (tiny builds): reference solutions are the positives
-    steps_pool = [(s, k, ok) for s in samples + gold for k, ok in s.step_labels()]
-    steps_good = [x for x in steps_pool if x[2]]
-    steps_bad = [x for x in steps_pool if not x[2]]
+    pools = _Pools(samples)
     sel_problems = problems(5000 if cfg.adapter_steps > 100 else 100, cfg.seed + 2, "train")
 
     def skill_batch(rng: random.Random, n: int) -> list:
         out = []
         for _ in range(n):
             u = rng.random()
-            if u < 0.45 and good and bad:  # verifier, balanced labels
-                out.append(data.verifier_example(enc, rng.choice(good if rng.random() < 0.5 else bad), 0))
-            elif u < 0.8 and steps_good and steps_bad:  # self-eval on one step, balanced labels
-                s, k, ok = rng.choice(steps_good if rng.random() < 0.5 else steps_bad)
-                steps = data.split_steps(s.text)
-                out.append(enc.invoked(data.self_eval_context(enc, s.problem, steps[: k + 1]), CHECK,
-                                       YES if ok else NO, adapter=1))
+            if u < 0.45:
+                out.append(pools.example(enc, rng, "verifier", 0, cfg.contrast_share))
+            elif u < 0.8:
+                out.append(pools.example(enc, rng, "self_eval", 1, cfg.contrast_share))
             else:
                 out.append(data.selector_example(enc, rng, rng.choice(sel_problems), 2))
         return out
@@ -406,6 +401,74 @@ def rebank(world_dir: str | os.PathLike, bank: BankConfig, console=None, evaluat
     return World.load(world.path)
 
 
+RETRAINABLE = ("verifier", "self_eval")
+
+
+def retrain_skills(world_dir: str | os.PathLike, names: tuple[str, ...] = RETRAINABLE, steps: int = 1200,
+                   batch: int = 48, console=None, evaluate_after: bool = True) -> World:
+    """Retrain a built world's verifier and/or step checker in place, alone (the skills part of
+    the adapter stage, with the current recipe: calculator evidence after the invocation, and
+    right/wrong twins), from the base's own samples drawn exactly as `build` draws them. The old
+    adapters are swapped out only once the new ones are saved; the manifest records the specs,
+    the run and (with `evaluate_after`) a new evaluation."""
+    from dataclasses import fields
+
+    from serving.model import load_model
+    from transformers import AutoTokenizer
+
+    bad = [n for n in names if n not in RETRAINABLE]
+    if bad or not names:
+        raise ValueError(f"can retrain {list(RETRAINABLE)}, got {list(names)}")
+    if steps < 1 or batch < 1:
+        raise ValueError(f"steps and batch must be >= 1, got {steps}, {batch}")
+    world = World.load(world_dir)
+    known = {f.name for f in fields(BuildConfig)}
+    cfg = BuildConfig(**{k: v for k, v in world.manifest["build"].items() if k in known})
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(str(world.base_dir))
+    enc = data.Encoder(tok)
+    with _progress(console) as progress:
+        pools = _Pools(sample_solutions(world.base_dir, cfg, progress=progress))
+        model = load_model(world.base_dir)
+        multi = MultiLora(model, len(names), r=cfg.r, lora_alpha=cfg.lora_alpha, seed=cfg.seed + 4)
+
+        def sample(rng, n):
+            return [pools.example(enc, rng, names[i % len(names)], i % len(names), cfg.contrast_share)
+                    for i in range(n)]
+
+        tc = TrainConfig(steps=steps, batch_size=batch, lr=cfg.adapter_lr, warmup=min(50, steps // 10),
+                         seed=cfg.seed + 5)
+        loss = lambda b: lora_loss(model, multi, b, tok.pad_token_id)  # noqa: E731
+        losses = fit(multi_lora_step(multi, loss, lambda b: torch.tensor([e.adapter for e in b])), sample, tc,
+                     f"retrain {', '.join(names)}", progress)
+    specs = {s.name: s for s in SKILLS}
+    tmp = Path(tempfile.mkdtemp(prefix=".retrain.", dir=world.path))
+    try:
+        for i, name in enumerate(names):
+            inv = tok.convert_tokens_to_ids(specs[name].invocation)
+            export_peft(multi, i, tmp / name, peft_config("base", cfg.r, cfg.lora_alpha, [inv]))
+        for name in names:  # swap: an adapter is in place at every moment but this one
+            os.rename(world.skill_dir(name), tmp / f"old-{name}")
+            os.rename(tmp / name, world.skill_dir(name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    manifest = dict(world.manifest)
+    manifest["build"] = {**manifest["build"], "contrast_share": cfg.contrast_share}
+    manifest["skills"] = [specs[s["name"]].model_dump(exclude_defaults=True) if s["name"] in names else s
+                          for s in manifest["skills"]]
+    manifest["retrained"] = {"skills": list(names), "steps": steps, "batch": batch,
+                             "final_loss": _tail(losses), "seconds": round(time.perf_counter() - t0, 1)}
+    for k in ("eval", "eval_error"):
+        manifest.pop(k, None)
+    _write_manifest(world.path, manifest)
+    if evaluate_after:
+        b = manifest["build"]
+        _evaluate_into(manifest, World.load(world.path), b["eval_problems"], b["eval_per_task"],
+                       b["samples_per_problem"], b["seed"], console)
+        _write_manifest(world.path, manifest)
+    return World.load(world.path)
+
+
 def _write_manifest(path: Path, manifest: dict) -> None:
     (path / (MANIFEST + ".tmp")).write_text(json.dumps(manifest, indent=1))
     os.replace(path / (MANIFEST + ".tmp"), path / MANIFEST)
@@ -424,6 +487,29 @@ def _evaluate_into(manifest: dict, world: World, problems: int, per_task: int, s
                       stacklevel=2)
         manifest["eval_error"] = repr(e)
     manifest.setdefault("build_seconds", {})["eval"] = round(time.perf_counter() - t, 1)
+
+class _Pools:
+    """The base model's labelled samples, as training examples of the verifier and the step checker."""
+
+    def __init__(self, samples: list[data.Sample]):
+        good = [s for s in samples if s.correct]
+        gold = [] if good else [data.Sample(s.problem, s.problem.solution(), True) for s in samples[:64]]
+        self.good = good or gold  # a base that never solves anything (tiny builds): reference solutions
+        self.bad = [s for s in samples if not s.correct]
+        steps = [(s, k, ok) for s in samples + gold for k, ok in s.step_labels()]
+        self.steps_good = [x for x in steps if x[2]]
+        self.steps_bad = [x for x in steps if not x[2]]
+
+    def example(self, enc, rng: random.Random, skill: str, adapter: int, contrast_share: float):
+        """A balanced example of `skill`: from the base's own samples, or (`contrast_share` of
+        them) a right solution against its one-digit-wrong twin."""
+        if rng.random() < contrast_share or not (self.bad and self.steps_bad):
+            return data.contrast_example(enc, rng, rng.choice(self.good), skill, adapter)
+        if skill == "verifier":
+            return data.verifier_example(enc, rng.choice(self.good if rng.random() < 0.5 else self.bad), adapter)
+        s, k, ok = rng.choice(self.steps_good if rng.random() < 0.5 else self.steps_bad)
+        return data.self_eval_example(enc, s, k, ok, adapter)
+
 
 class _Parts:
     """A read-only view of one column of [(skills, tasks)] losses."""

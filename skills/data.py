@@ -12,9 +12,15 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .tasks import CALC_CLOSE, CALC_OPEN, Problem, Transform, corrupt, split_steps, step_ok
+import re
+
+from .tasks import CALC_CLOSE, CALC_OPEN, Problem, Step, Transform, claims, corrupt, split_steps, step_ok
 from .tokenizer import CHECK, EOS, NO, SELECT, VERIFY, YES
 from .train import Example, lm_example
+
+
+_EXPR_RE = re.compile(r"(-?\d+)([*+-])(\d+)$")
+_VALUE_RE = re.compile(r"=\s*(-?\d+)")
 
 
 @dataclass
@@ -44,10 +50,10 @@ class Encoder:
         ids, learn = self.segments(parts)
         return lm_example(p + ids, len(p), [False] * len(p) + learn, **kw)
 
-    def invoked(self, context: list[int], invocation: str, answer: str, **kw) -> Example:
-        """An activated skill's example: context + invocation -> answer; the adapter covers
-        the positions from the invocation on."""
-        inv = self.ids(invocation)
+    def invoked(self, context: list[int], invocation: str, answer: str, evidence: str = "", **kw) -> Example:
+        """An activated skill's example: context + invocation (+ evidence) -> answer; the adapter
+        covers the positions from the invocation on (so it computes the evidence itself)."""
+        inv = self.ids(invocation + evidence)
         ans = self.ids(answer)
         tokens = context + inv + ans
         return lm_example(tokens, len(context) + len(inv), start=len(context), **kw)
@@ -129,14 +135,79 @@ def selector_target(step) -> str:
     return f"{CALC_OPEN}{step.expr}{CALC_CLOSE}" if step is not None and step.op == "*" else EOS
 
 
-def verifier_example(enc: Encoder, s: Sample, adapter: int) -> Example:
-    return enc.invoked(verifier_context(enc, s.problem, s.text), VERIFY, YES if s.correct else NO, adapter=adapter)
+def evidence(checks: Sequence[tuple[str, str, str]]) -> str:
+    """What a tool-checked skill reads after its invocation: every claim of the text judged with
+    the calculator's value beside it, then `?` (where the answer is read):
+    `37*49=1773:1813 1773+12=1785:1785?` for (expression, value claimed, value computed)."""
+    return " ".join(f"{e}={claimed}:{computed}" for e, claimed, computed in checks) + "?"
 
 
-def self_eval_examples(enc: Encoder, s: Sample, adapter: int) -> list[Example]:
+def calc_checks(text: str) -> list[tuple[str, str, str]]:
+    """(expression, claimed, computed) for the claims of `text`, computed exactly: the training
+    side of the orchestrator's calculator check (which runs the safe calculator tool)."""
+    out = []
+    for expr, claimed in claims(text):
+        m = _EXPR_RE.match(expr)
+        out.append((expr, claimed, str(Step(int(m.group(1)), m.group(2), int(m.group(3))).value)))
+    return out
+
+
+def corrupt_claim(text: str, rng: random.Random) -> str:
+    """`text` with one digit of one claimed value changed (a wrong result the calculator exposes)."""
+    ms = list(_VALUE_RE.finditer(text))
+    if not ms:
+        return text + "1"
+    m = rng.choice(ms)
+    v = m.group(1)
+    i = rng.randrange(1 if v.startswith("-") else 0, len(v))
+    digits = [c for c in "0123456789" if c != v[i] and not (i == 0 and c == "0" and len(v) > 1)]
+    return text[:m.start(1) + i] + rng.choice(digits) + text[m.start(1) + i + 1:]
+
+
+def wrong_solution(problem: Problem, rng: random.Random) -> str:
+    """A solution with the base model's typical error: the product off by one digit, and the
+    steps after it computed right from the wrong value (so the answer is wrong)."""
+    first = problem.steps[0]
+    v = str(first.value)
+    i = rng.randrange(len(v))
+    digits = [c for c in "0123456789" if c != v[i] and not (i == 0 and c == "0")]
+    value = int(v[:i] + rng.choice(digits) + v[i + 1:])
+    parts, prev = [f"{first.expr}={value}."], value
+    for st in problem.steps[1:]:
+        step = Step(prev, st.op, st.right)
+        parts.append(step.text())
+        prev = step.value
+    return " ".join(parts) + f" Answer: {prev}"
+
+
+def verifier_example(enc: Encoder, s: Sample, adapter: int, text: str | None = None, ok: bool | None = None) -> Example:
+    """Is the finished solution right? The verifier reads the calculator's check of its claims."""
+    text = text if text is not None else s.text
+    ok = ok if ok is not None else s.correct
+    return enc.invoked(verifier_context(enc, s.problem, text), VERIFY, YES if ok else NO,
+                       evidence=evidence(calc_checks(text)), adapter=adapter)
+
+
+def self_eval_example(enc: Encoder, s: Sample, k: int, ok: bool, adapter: int, steps: list[str] | None = None) -> Example:
+    """Is step k right? The step checker reads the calculator's check of the claims so far."""
+    steps = steps if steps is not None else split_steps(s.text)
+    text = " ".join(steps[: k + 1])
+    return enc.invoked(self_eval_context(enc, s.problem, steps[: k + 1]), CHECK, YES if ok else NO,
+                       evidence=evidence(calc_checks(text)), adapter=adapter)
+
+
+def contrast_example(enc: Encoder, rng: random.Random, s: Sample, skill: str, adapter: int) -> Example:
+    """From a right solution: itself, or with one claimed value changed (half each). The same
+    problem and wording either way, so only the claims' check tells them apart: this is what
+    teaches a skill to judge the answer rather than the problem's difficulty."""
+    ok = rng.random() < 0.5
+    if skill == "verifier":
+        return verifier_example(enc, s, adapter, s.text if ok else wrong_solution(s.problem, rng), ok)
     steps = split_steps(s.text)
-    return [enc.invoked(self_eval_context(enc, s.problem, steps[: k + 1]), CHECK, YES if ok else NO, adapter=adapter)
-            for k, ok in s.step_labels()]
+    k = rng.randrange(len(steps))
+    if not ok:
+        steps = steps[:k] + [corrupt_claim(steps[k], rng)]
+    return self_eval_example(enc, s, k, ok, adapter, steps)
 
 
 def selector_example(enc: Encoder, rng: random.Random, problem: Problem, adapter: int) -> Example:

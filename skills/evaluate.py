@@ -45,16 +45,18 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     return u / (len(pos) * len(neg))
 
 
-def yes_no_scores(engine, contexts: Sequence[list[int]], invocation: str, adapters: Sequence[str | None],
+def yes_no_scores(engine, contexts: Sequence[list[int]], invocation: str | Sequence[str], adapters: Sequence[str | None],
                   yes: str = YES, no: str = NO, chunk: int = 128) -> list[float]:
-    """P(yes) after `context + invocation` under each adapter, via the engine's scoring."""
+    """P(yes) after `context + invocation` (one string, or one per context: invocation and
+    evidence) under each adapter, via the engine's scoring."""
+    invs = [invocation] * len(contexts) if isinstance(invocation, str) else list(invocation)
     out = []
     for i in range(0, len(contexts), chunk):
         seqs = [engine.open(c) for c in contexts[i:i + chunk]]
         try:
             items = []
-            for s, a in zip(seqs, adapters[i:i + chunk]):
-                items += [(s, invocation + yes, a), (s, invocation + no, a)]
+            for s, a, inv in zip(seqs, adapters[i:i + chunk], invs[i:i + chunk]):
+                items += [(s, inv + yes, a), (s, inv + no, a)]
             res = engine.score_many(items)
         finally:
             for s in seqs:
@@ -99,8 +101,8 @@ def evaluate(world: World, n_problems: int = 200, per_task: int = 8, samples: in
     smp = [data.Sample(p, c.text, c.finish_reason == "stop") for (p, _), c in zip(jobs, comps)]
 
     stage("verifier")
-    vscores = yes_no_scores(engine, [data.verifier_context(enc, s.problem, s.text) for s in smp], VERIFY,
-                            ["verifier"] * len(smp))
+    vscores = yes_no_scores(engine, [data.verifier_context(enc, s.problem, s.text) for s in smp],
+                            [_suffix(world, "verifier", VERIFY, s.text) for s in smp], ["verifier"] * len(smp))
     labels = [s.correct for s in smp]
     report["sample_accuracy"] = _mean(labels)
     report["verifier_auroc"] = auroc(vscores, labels)
@@ -110,11 +112,19 @@ def evaluate(world: World, n_problems: int = 200, per_task: int = 8, samples: in
     report[f"pass_at_{samples}"] = _mean(any(s.correct for _, s in g) for g in by_problem.values())
     report[f"majority_of_{samples}"] = _mean(_majority(g) for g in by_problem.values())
     report[f"verifier_best_of_{samples}"] = _mean(max(g, key=lambda x: x[0])[1].correct for g in by_problem.values())
+    # within one problem: does the verifier rank its right samples above its wrong ones? (overall
+    # AUROC also rewards knowing which problems are hard, which best-of-n cannot use)
+    mixed = [g for g in by_problem.values() if 0 < sum(s.correct for _, s in g) < len(g)]
+    report["verifier_auroc_within_problem"] = _mean(auroc([v for v, _ in g], [s.correct for _, s in g])
+                                                    for g in mixed) if mixed else None
+    report["verifier_mixed_problems"] = len(mixed)
 
     stage("self-evaluation (steps)")
     step_items = [(s, k, ok) for s in smp for k, ok in s.step_labels()]
     ctx = [data.self_eval_context(enc, s.problem, data.split_steps(s.text)[: k + 1]) for s, k, _ in step_items]
-    sscores = yes_no_scores(engine, ctx, CHECK, ["self_eval"] * len(ctx))
+    suffixes = [_suffix(world, "self_eval", CHECK, " ".join(data.split_steps(s.text)[: k + 1]))
+                for s, k, _ in step_items]
+    sscores = yes_no_scores(engine, ctx, suffixes, ["self_eval"] * len(ctx))
     report["self_eval_auroc"] = auroc(sscores, [ok for _, _, ok in step_items])
     report["self_eval_steps"] = len(step_items)
 
@@ -145,6 +155,12 @@ def evaluate(world: World, n_problems: int = 200, per_task: int = 8, samples: in
                                             "params_saved", "rel_error_mean", "rel_error_max")}
     stage.done()
     return report
+
+
+def _suffix(world: World, skill: str, invocation: str, text: str) -> str:
+    """The invocation, and the calculator's check of `text` if the skill reads one."""
+    ev = world.skill(skill).evidence
+    return invocation + (data.evidence(data.calc_checks(text)) if ev == "calculator" else "")
 
 
 class _Stages:

@@ -2,7 +2,9 @@
 
 A skill is a LoRA adapter with a role. Activated skills (aLoRA) are invoked by appending their
 invocation token to the context; the engine applies them from there on, over the base model's
-cached prefix. Reading a `yes_no` skill is one scoring call: score = P(yes) / (P(yes) + P(no))
+cached prefix. A skill may also read evidence placed after its invocation (a tool's check of the
+text it judges): the adapter computes those tokens itself, which is what lets it compare them
+with the context (the base's representations of the context were never trained to). Reading a `yes_no` skill is one scoring call: score = P(yes) / (P(yes) + P(no))
 at the position right after the invocation. A `text` skill generates until one of its stops.
 Specs are pydantic models because they are read from `world.json` files users may write.
 """
@@ -37,6 +39,10 @@ class Skill(BaseModel):
     no: str = NO
     stop: list[str] = Field(default_factory=list)
     """text skills: stop strings"""
+    evidence: Literal["calculator"] | None = None
+    """what the caller computes and appends after the invocation, for the adapter to read:
+    `calculator` = every arithmetic claim `a op b = c` of the assistant's text with the
+    calculator's value beside it (`data.evidence`), e.g. `37*49=1773:1813?`"""
     max_tokens: int = Field(default=32, ge=1, le=4096)
     description: str = ""
     task: str | None = None
@@ -52,6 +58,8 @@ class Skill(BaseModel):
             raise ValueError(f"skill {self.name!r}: prompt must contain {{context}}, got {self.prompt!r}")
         if self.invocation and not self.prompt.endswith(self.invocation):
             raise ValueError(f"skill {self.name!r}: an activated skill's prompt must end with its invocation")
+        if self.evidence and self.activation != "activated":
+            raise ValueError(f"skill {self.name!r}: evidence goes after an invocation; only activated skills take it")
         return self
 
     def render(self, context: str) -> str:

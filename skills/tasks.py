@@ -121,6 +121,16 @@ def parse_answer(text: str) -> int | None:
     return int(m[-1]) if m else None
 
 
+_CLAIM_RE = re.compile(r"(-?\d+)\s*([*+-])\s*(\d+)\s*=\s*(-?\d+)")
+
+
+def claims(text: str) -> list[tuple[str, str]]:
+    """The arithmetic claims `a op b = c` a solution makes (tool markup read through), as
+    (`a op b`, `c`) in order: what a tool can check."""
+    body = text.replace(CALC_OPEN, "").replace(CALC_CLOSE, "")
+    return [(f"{a}{op}{b}", c) for a, op, b, c in _CLAIM_RE.findall(body)]
+
+
 def split_steps(text: str) -> list[str]:
     """A solution's step texts, each ending with its `.` (the answer part is not a step)."""
     body = text.split("Answer:")[0]

@@ -25,6 +25,7 @@ COMMANDS: dict[str, Callable] = {
     "make-collection": bank_cmds.make_collection,
     "world build": world_cmds.world_build,
     "world rebank": world_cmds.world_rebank,
+    "world retrain": world_cmds.world_retrain,
     "world eval": world_cmds.world_eval,
 }
 

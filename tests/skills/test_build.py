@@ -131,3 +131,29 @@ def test_world_rebank_recompresses_in_place(quick_world, tmp_path):
     assert proc.returncode == 1 and "no uncompressed adapters" in proc.stderr and "Traceback" not in proc.stderr
     proc = kilolora("world", "rebank", "--world", world, "--rank", 0, check=False)
     assert proc.returncode == 1 and "--rank" in proc.stderr
+
+
+def test_world_retrain_replaces_only_the_chosen_skills(quick_world, tmp_path):
+    import hashlib
+    import shutil
+
+    w = tmp_path / "world"
+    shutil.copytree(quick_world.path, w)
+
+    def digest(p):
+        return hashlib.sha256((p / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+    before = {n: digest(w / "skills" / n) for n in ("verifier", "self_eval", "tool_selector")}
+    bank = (w / "bank" / "bank.safetensors").read_bytes()
+    proc = kilolora("world", "retrain", "--world", w, "--skills", "verifier", "--steps", "6", "--batch", "8")
+    assert "retrained verifier" in proc.stderr
+    after = {n: digest(w / "skills" / n) for n in before}
+    assert after["verifier"] != before["verifier"]
+    assert after["self_eval"] == before["self_eval"] and after["tool_selector"] == before["tool_selector"]
+    assert (w / "bank" / "bank.safetensors").read_bytes() == bank
+    m = World.load(w).manifest
+    assert m["retrained"]["skills"] == ["verifier"] and m["retrained"]["steps"] == 6
+    assert World.load(w).skill("verifier").evidence == "calculator" and "eval" in m
+    assert not [p for p in w.iterdir() if p.name.startswith(".retrain")]  # nothing left behind
+    bad = kilolora("world", "retrain", "--world", w, "--skills", "tool_selector", check=False)
+    assert bad.returncode == 1 and "can retrain" in bad.stderr

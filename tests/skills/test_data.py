@@ -131,3 +131,27 @@ def test_checker_candidates_are_right_or_wrong_as_labelled():
     t = Transform.parse("replace a b")
     seen = {data.checker_candidate(t, "xaya", False, random.Random(i)) for i in range(40)}
     assert "xaya" in seen and any(s[1] not in "ab" and s[3] == s[1] for s in seen)
+
+
+def test_calculator_evidence_and_twins_against_brute_force(tok):
+    rng = random.Random(5)
+    for p in problems(40, seed=3):
+        right = p.solution(tool=rng.random() < 0.5)
+        checks = data.calc_checks(right)
+        assert [(e, c) for e, c, _ in checks] == [(s.expr, str(s.value)) for s in p.steps]
+        assert all(claimed == computed for _, claimed, computed in checks)
+        wrong = data.wrong_solution(p, rng)
+        assert not data.Sample(p, wrong, True).correct
+        w = data.calc_checks(wrong)
+        # the product is off by one digit; every later step is computed right from it
+        assert w[0][1] != w[0][2] and len(w[0][1]) == len(w[0][2])
+        assert sum(a != b for a, b in zip(w[0][1], w[0][2])) == 1
+        assert all(claimed == computed for _, claimed, computed in w[1:])
+        bad_step = data.corrupt_claim(p.steps[0].text(), rng)
+        assert not data.step_ok(p, [bad_step], 0) and data.step_ok(p, [p.steps[0].text()], 0)
+    assert data.evidence([("37*49", "1773", "1813")]) == "37*49=1773:1813?" and data.evidence([]) == "?"
+    s = data.Sample(p, p.solution(), True)
+    v = data.verifier_example(data.Encoder(tok), s, adapter=0)
+    inv = v.tokens.index(tok.convert_tokens_to_ids(VERIFY))
+    # the evidence is inside the adapter's span (after the invocation), the answer after it
+    assert v.start == inv and tok.decode(v.tokens[inv + 1:-1]) == data.evidence(data.calc_checks(s.text))
