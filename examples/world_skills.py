@@ -1,6 +1,7 @@
 """The embedded default world's skills, served by one engine: a base model solves a problem, the
 tool selector proposes a calculator call, the step checker and the verifier score the work
-(activated adapters: each reads the base's cached prefix and computes only its invocation),
+(activated adapters: each reads the base's cached prefix and computes only its invocation and
+the calculator's check of the claims it judges),
 and task adapters from the compressed bank transform strings.
 
     python examples/world_skills.py
@@ -9,6 +10,7 @@ and task adapters from the compressed bank transform strings.
 from __future__ import annotations
 
 from serving.sampling import SamplingParams
+from skills.data import calc_checks, evidence
 from skills.spec import yes_probability
 from skills.tasks import Problem, Step, Transform
 from skills.world import World
@@ -28,29 +30,35 @@ seq = engine.open(prompt)
 print(f"base greedy:      {done.text}")
 
 
-def yes_no(context: str, skill_name: str) -> tuple[float, object]:
-    """P(yes) of a yes/no skill after `context`, and the scoring's token counters."""
+def invoke(skill_name: str, text: str) -> str:
+    """What follows the context when a skill is invoked: its invocation, then (for skills that
+    read one) the calculator's check of the claims in `text`."""
+    skill = world.skill(skill_name)
+    return skill.suffix + (evidence(calc_checks(text)) if skill.evidence == "calculator" else "")
+
+
+def yes_no(context: str, skill_name: str, text: str) -> tuple[float, object]:
+    """P(yes) of a yes/no skill after `context` (whose assistant part is `text`), and the counters."""
     skill = world.skill(skill_name)
     s = engine.open(context)
-    (yes, counters), (no, _) = engine.score_many([(s, skill.suffix + skill.yes, skill.adapter),
-                                                  (s, skill.suffix + skill.no, skill.adapter)])
+    suffix = invoke(skill_name, text)
+    (yes, counters), (no, _) = engine.score_many([(s, suffix + skill.yes, skill.adapter),
+                                                  (s, suffix + skill.no, skill.adapter)])
     engine.close(s)
     return yes_probability(yes[-1], no[-1]), counters
 
 
-# 2. the verifier scores the base's solution (reusing its KV cache: only the invocation is new)
+# 2. the verifier scores the base's solution, reusing its KV cache: only the last sampled token,
+#    the invocation and the calculator's check of the solution's claims are computed
 skill = world.skill("verifier")
-n_context = len(tok.encode(prompt, add_special_tokens=False)) + len(done.token_ids)
-#    (the finished sequence already ends with its <|end|>: only the invocation and the answer
-#    token are new)
-(yes, c), (no, _) = engine.score_many([(seq, skill.suffix + skill.yes, "verifier"),
-                                       (seq, skill.suffix + skill.no, "verifier")])
+n_context = len(tok.encode(prompt, add_special_tokens=False)) + len(done.token_ids) - 1
+suffix = invoke("verifier", done.text)
+(yes, c), (no, _) = engine.score_many([(seq, suffix + skill.yes, "verifier"), (seq, suffix + skill.no, "verifier")])
 print(f"verifier:         P(correct) = {yes_probability(yes[-1], no[-1]):.2f} "
-      f"(computed {c.prefilled} new tokens; the {n_context} before them were already in the KV cache)")
-# (it has learned mostly which problems the base gets wrong, less which of two solutions to one
-# problem is right: see the README's world evaluation)
+      f"(computed {c.prefilled} new tokens for `{suffix[len(skill.suffix):]}`; the {n_context} before them "
+      f"were already in the KV cache)")
 for text in (problem.solution(), problem.solution().replace("348", "358")):
-    p, _ = yes_no(prompt + text + tok.eos_token, "verifier")
+    p, _ = yes_no(prompt + text + tok.eos_token, "verifier", text)
     print(f"verifier:         P(correct) = {p:.2f} for {text!r}")
 
 # 3. the tool selector at the first step boundary
@@ -62,7 +70,7 @@ print(f"tool selector:    {tok.decode(proposal.token_ids, skip_special_tokens=Fa
 
 # 4. the step checker on a right and a wrong first step
 for step in ("58*6=348.", "58*6=358."):
-    p, _ = yes_no(prompt + step, "self_eval")
+    p, _ = yes_no(prompt + step, "self_eval", step)
     print(f"self-eval:        P(step ok) = {p:.2f} for {step!r}")
 
 # 5. task adapters from the compressed bank: the prompt names the operation, the adapter knows

@@ -404,7 +404,7 @@ def rebank(world_dir: str | os.PathLike, bank: BankConfig, console=None, evaluat
 RETRAINABLE = ("verifier", "self_eval")
 
 
-def retrain_skills(world_dir: str | os.PathLike, names: tuple[str, ...] = RETRAINABLE, steps: int = 1200,
+def retrain_skills(world_dir: str | os.PathLike, names: tuple[str, ...] = RETRAINABLE, steps: int = 500,
                    batch: int = 48, console=None, evaluate_after: bool = True) -> World:
     """Retrain a built world's verifier and/or step checker in place, alone (the skills part of
     the adapter stage, with the current recipe: calculator evidence after the invocation, and

@@ -136,10 +136,18 @@ def selector_target(step) -> str:
 
 
 def evidence(checks: Sequence[tuple[str, str, str]]) -> str:
-    """What a tool-checked skill reads after its invocation: every claim of the text judged with
-    the calculator's value beside it, then `?` (where the answer is read):
-    `37*49=1773:1813 1773+12=1785:1785?` for (expression, value claimed, value computed)."""
-    return " ".join(f"{e}={claimed}:{computed}" for e, claimed, computed in checks) + "?"
+    """What a tool-checked skill reads after its invocation: the calculator's check of every
+    claim of the text, then `?` (where the answer is read), for (expression, value claimed,
+    value computed): `37*49=1773 wrong:1813 1773+12=1785 ok?`.
+
+    The check states its verdict per claim. Pilots showed why: given the two values side by side
+    (`37*49=1773:1813`), a rank-2 or rank-8 activated adapter on the 3M base did not learn to
+    compare them (loss stayed at chance, 0.60-0.70, after 300-600 steps, whether the values came
+    before or after the invocation); it reads a verdict at once (loss 0.01). What the skill
+    still has to judge is everything else: whether the steps chain, use the question's numbers
+    and end in the answer they computed."""
+    return " ".join(f"{e}={claimed} " + ("ok" if claimed == computed else f"wrong:{computed}")
+                    for e, claimed, computed in checks) + "?"
 
 
 def calc_checks(text: str) -> list[tuple[str, str, str]]:

@@ -36,8 +36,12 @@ def test_serve_adapters_example():
 
 def test_world_skills_example():
     out = run_example("world_skills.py")
-    # the verifier reads the base's cached solution: only its invocation is computed
-    assert "(computed 2 new tokens; the 45 before them were already in the KV cache)" in out
+    # the verifier reads the base's cached solution: only the last sampled token, its invocation
+    # and the calculator's check are computed (one token per character)
+    line = next(x for x in out.splitlines() if "were already in the KV cache" in x)
+    check = line.split("`")[1]
+    assert f"(computed {2 + len(check)} new tokens for `{check}`; the 44 before them" in line
+    assert check == "58*6=348 ok 348+31=379 ok?"
     ok, wrong = [float(line.split("= ")[1].split()[0]) for line in out.splitlines()
                  if line.startswith("verifier:") and "for '" in line]
     assert ok > wrong  # the right solution scores above the one with a wrong product
@@ -50,3 +54,25 @@ def test_world_skills_example():
     assert rows[0] == ["shift-3", "shift: hello -> khoor, shift: world -> zruog"]
     assert rows[1][0] == "base" and "khoor" not in rows[1][1]
     assert rows[2] == ["add-7", "add: 12345 -> 89012, add: 2026 -> 9793"]
+
+
+def test_best_of_n_example():
+    out = run_example("best_of_n.py")
+    assert out.count("  sample 0.") == 8 and out.count("<- kept") == 1
+    kept = next(x for x in out.splitlines() if "<- kept" in x)
+    best = max(float(x.split("= ")[1].split()[0]) for x in out.splitlines() if x.startswith("  sample"))
+    assert float(kept.split("= ")[1].split()[0]) == best  # the verifier's top sample is kept
+    assert "reused" in out and "best-of-8" in out
+
+
+def test_tool_agent_example():
+    out = run_example("tool_agent.py")
+    assert out.count("tools:") == 3 and "calculator(37*49) = 1813" in out
+    assert [x.split()[-1] for x in out.splitlines() if x.strip().startswith("tools:")] == ["right"] * 3
+    assert "[CALC]9**9**9**9[/CALC]=[error: " in out and "[CALC]12/0[/CALC]=[error: division by zero]" in out
+
+
+def test_custom_graph_example():
+    out = run_example("custom_graph.py")
+    assert out.startswith("flowchart TD") and "n_retry -.->|rewind| n_draft" in out
+    assert out.count("verifier ") >= 2 and "rewinds" in out

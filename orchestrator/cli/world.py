@@ -85,14 +85,14 @@ def world_rebank(*, world: str = "kilolora-world", method: str | None = None, ra
         _print_report(w.manifest["eval"])
 
 
-def world_retrain(*, world: str = "kilolora-world", skills: str = "verifier,self_eval", steps: int = 1200,
+def world_retrain(*, world: str = "kilolora-world", skills: str = "verifier,self_eval", steps: int = 500,
                   batch: int = 48, no_eval: bool = False) -> None:
     """Retrain a built world's verifier and/or step checker in place, keeping everything else.
 
     The skills learn from the base model's own sampled solutions (drawn exactly as the build
     draws them) and from right/wrong twins, reading the calculator's check of the claims after
     their invocation. The old adapters are replaced only once the new ones are saved; world.json
-    records the run and a fresh evaluation. About 10 minutes on 2 CPU cores with the defaults.
+    records the run and a fresh evaluation. About 10 minutes on 2 CPU cores with the defaults (then ~1 min of evaluation).
 
     Args:
       world: a world directory (e.g. skills/default_world)

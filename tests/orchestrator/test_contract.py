@@ -193,3 +193,20 @@ def test_bad_graphs_fail_clearly(ex):
         g.add("b", "generate")
     with pytest.raises(ValueError):
         Graph(State).add(END, Generate())
+
+
+def test_events_stream_while_running_in_trace_order(ex):
+    seen = []
+    ex.on_event = seen.append
+    try:
+        g = Graph(State, "stream")
+        g.add("fork", Fork(2))
+        g.add("a", Generate(max_tokens=6, temperature=1.0))
+        g.add("pick", Join())
+        g.add("judge", Score("verifier"))
+        g.chain("fork", "a", "judge", "pick")
+        run = ex.run(g, "3*4+5", seed=2)
+    finally:
+        ex.on_event = None
+    assert seen == run.trace.events and seen[0]["event"] == "run_start" and seen[-1]["event"] == "run_end"
+    assert [e["t"] for e in seen] == sorted(e["t"] for e in seen)
