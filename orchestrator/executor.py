@@ -51,6 +51,8 @@ class Branch:
     node_seeds: int = 0
     node_adapter: str | None = None
     """the adapter the current node ran a model with (None: it ran none)"""
+    node_backend_ms: float = 0.0
+    """the current node's share of the backend calls' time"""
     node_info: dict = field(default_factory=dict)
     """what the current node adds to its trace event (e.g. its output text)"""
 
@@ -122,7 +124,7 @@ class Executor:
     (name -> callable returning a `tools.ToolResult`)."""
 
     def __init__(self, backend: Backend, skills: dict | None = None, tools: dict[str, Callable] | None = None,
-                 max_steps: int = 200, on_event: Callable[[dict], None] | None = None):
+                 max_steps: int = 200, on_event: Callable[[dict], None] | None = None, max_runs: int = 64):
         from .tools import calculator
 
         self.backend = backend
@@ -130,7 +132,11 @@ class Executor:
         self.tools = dict(tools) if tools is not None else {"calculator": calculator}
         if not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
+        if not isinstance(max_runs, int) or max_runs < 1:
+            raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
         self.max_steps = max_steps
+        self.max_runs = max_runs
+        """runs of `run_many` live at once; the others queue (each holds its branches' KV cache)"""
         self.on_event = on_event
 
     @classmethod
@@ -160,15 +166,12 @@ class Executor:
         self.branches: list[Branch] = []
         self.finished: list[list[Branch]] = [[] for _ in prompts]
         self.group_ids = 0
-        for i, p in enumerate(prompts):
-            state = p.model_copy(deep=True) if isinstance(p, State) else graph.state(prompt=p)
-            if not isinstance(state, graph.state):
-                raise TypeError(f"initial state must be a {graph.state.__name__}, got {type(state).__name__}")
-            seq = self.backend.open(self.backend.chat_prompt(state.prompt))
-            self.emit(i, "run_start", graph=graph.name, prompt=state.prompt, seed=self.seeds[i])
-            br = Branch(i, "0", seq, state, "", prompt_mark=self.backend.mark(seq))
-            self.branches.append(br)
-            self._enter(br, graph.start)
+        states = [p.model_copy(deep=True) if isinstance(p, State) else graph.state(prompt=p) for p in prompts]
+        for st in states:
+            if not isinstance(st, graph.state):
+                raise TypeError(f"initial state must be a {graph.state.__name__}, got {type(st).__name__}")
+        self.queue = list(enumerate(states))
+        self.active: set[int] = set()
         try:
             self._loop()
         finally:
@@ -192,9 +195,21 @@ class Executor:
             self.on_event(ev)
 
     # ------------------------------------------------------------------ the loop
+    def _admit(self) -> None:
+        """Start queued runs while fewer than `max_runs` are live (bounds the KV cache in use)."""
+        while self.queue and len(self.active) < self.max_runs:
+            i, state = self.queue.pop(0)
+            seq = self.backend.open(self.backend.chat_prompt(state.prompt))
+            self.emit(i, "run_start", graph=self.graph.name, prompt=state.prompt, seed=self.seeds[i])
+            br = Branch(i, "0", seq, state, "", prompt_mark=self.backend.mark(seq))
+            self.branches.append(br)
+            self.active.add(i)
+            self._enter(br, self.graph.start)
+
     def _loop(self) -> None:
         while True:
-            if all(b.done for b in self.branches):
+            self._admit()
+            if not self.branches:
                 return
             moved = True
             while moved:  # until every branch waits for the backend, waits at a join, or has ended
@@ -207,13 +222,19 @@ class Executor:
                 stuck = [f"run {b.run} branch {b.id} at {b.node!r}" for b in self.branches if not b.done]
                 if stuck:
                     raise GraphError(f"branches wait at joins that can never fire: {stuck[:5]}")
-                return
+                continue  # every live run ended this round: admit queued ones, or stop
             reqs = [r for b in waiting for r in b.pending]
+            t = time.perf_counter()
             results = self.backend.generate(reqs)
+            # the round's backend time, shared out by tokens computed (exact for a round of one kind)
+            ms = (time.perf_counter() - t) * 1e3
+            work = [max(r.tokens.computed, 1) for r in results]
+            total = sum(work)
             k = 0
             for b in waiting:
                 n = len(b.pending)
                 b.pending = None
+                b.node_backend_ms += ms * sum(work[k:k + n]) / total
                 self._advance(b, results[k:k + n])
                 k += n
 
@@ -273,13 +294,18 @@ class Executor:
         br.tokens = br.tokens + br.node_tokens
         self.emit(br.run, "node", branch=br.id, node=br.node, kind=self.graph.node(br.node).kind,
                   visit=br.visits[br.node], adapter=br.node_adapter, tokens=br.node_tokens.as_dict(),
-                  ms=round((time.perf_counter() - br.node_t0) * 1e3, 3), **br.node_info)
-        br.node_tokens, br.node_adapter, br.node_info = Tokens(), None, {}
+                  ms=round((time.perf_counter() - br.node_t0) * 1e3, 3), backend_ms=round(br.node_backend_ms, 3),
+                  **br.node_info)
+        br.node_tokens, br.node_adapter, br.node_info, br.node_backend_ms = Tokens(), None, {}, 0.0
 
     def _finish(self, br: Branch) -> None:
+        """The branch reached the end: free its sequence (its text is in its state)."""
+        self.branches.remove(br)
+        self.backend.close(br.seq)
         if br.groups:
             return  # ended inside a fork group: the group's join no longer waits for it
         self.finished[br.run].append(br)
+        self.active.discard(br.run)
 
     # ------------------------------------------------------------- control nodes
     def _fork(self, br: Branch, node: Fork) -> None:

@@ -4,8 +4,9 @@ Events (each has `event`, `run`, `t` = seconds since the executor started):
 
 - `run_start` (graph, prompt, seed) and `run_end` (text, token totals, steps);
 - `node`: a node finished on a branch: kind, visit, the adapter it ran (if any), tokens
-  (`prefilled` / `reused` from cache / `decoded`), milliseconds, and what it produced
-  (`output` text, `score`);
+  (`prefilled` / `reused` from cache / `decoded`), milliseconds from entering to leaving it
+  (`ms`, waiting for its batch included), its share of the backend's time (`backend_ms`: each
+  batch's time split by tokens computed), and what it produced (`output` text, `score`);
 - `adapter`: the branch switched adapter (`from`, `to`);
 - `tool`: a tool call (input, output, ok); `score`: a skill's score;
 - `fork` (children), `join` (branches, scores, kept), `rewind` (to, retry, tokens dropped).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-TIMING = ("t", "ms")
+TIMING = ("t", "ms", "backend_ms")
 
 
 @dataclass
@@ -54,10 +55,12 @@ class Trace:
     def tokens_by_kind(self) -> dict[str, dict]:
         out: dict[str, dict] = {}
         for e in self.of("node"):
-            d = out.setdefault(e["kind"], {"prefilled": 0, "reused": 0, "decoded": 0, "ms": 0.0, "calls": 0})
+            d = out.setdefault(e["kind"], {"prefilled": 0, "reused": 0, "decoded": 0, "ms": 0.0, "backend_ms": 0.0,
+                                           "calls": 0})
             for k in ("prefilled", "reused", "decoded"):
                 d[k] += e["tokens"][k]
             d["ms"] += e["ms"]
+            d["backend_ms"] += e.get("backend_ms", 0.0)
             d["calls"] += 1
         return out
 

@@ -136,18 +136,18 @@ def selector_target(step) -> str:
 
 
 def evidence(checks: Sequence[tuple[str, str, str]]) -> str:
-    """What a tool-checked skill reads after its invocation: the calculator's check of every
-    claim of the text, then `?` (where the answer is read), for (expression, value claimed,
-    value computed): `37*49=1773 wrong:1813 1773+12=1785 ok?`.
+    """What a tool-checked skill reads after its invocation: the calculator's verdict on each
+    claim of the text, in order, `v` (right) or `x` (wrong), for (expression, value claimed,
+    value computed): `xv` for `37*49=1773. 1773+12=1785.` The answer is read right after it.
 
-    The check states its verdict per claim. Pilots showed why: given the two values side by side
-    (`37*49=1773:1813`), a rank-2 or rank-8 activated adapter on the 3M base did not learn to
-    compare them (loss stayed at chance, 0.60-0.70, after 300-600 steps, whether the values came
-    before or after the invocation); it reads a verdict at once (loss 0.01). What the skill
-    still has to judge is everything else: whether the steps chain, use the question's numbers
-    and end in the answer they computed."""
-    return " ".join(f"{e}={claimed} " + ("ok" if claimed == computed else f"wrong:{computed}")
-                    for e, claimed, computed in checks) + "?"
+    Why verdicts, and why so short. Pilots: given both values (`37*49=1773:1813`, before or after
+    the invocation), a rank-2 or rank-8 activated adapter on the 3M base did not learn to compare
+    them (loss at chance, 0.60-0.70, after 300-600 steps); with a verdict per claim it learned at
+    once (loss 0.01; within-problem AUROC 0.99). One character per claim keeps verification to a
+    few computed tokens over the cached solution (a `?` after the verdicts cost 12% of
+    best-of-8's wall time in verification; without it, see the README). What the skill still judges itself: whether
+    the steps chain, use the question's numbers, and end in the answer they computed."""
+    return "".join("v" if claimed == computed else "x" for _, claimed, computed in checks)
 
 
 def calc_checks(text: str) -> list[tuple[str, str, str]]:

@@ -41,8 +41,8 @@ class Skill(BaseModel):
     """text skills: stop strings"""
     evidence: Literal["calculator"] | None = None
     """what the caller computes and appends after the invocation, for the adapter to read:
-    `calculator` = the calculator's check of every arithmetic claim `a op b = c` of the
-    assistant's text (`data.evidence`), e.g. `37*49=1773 wrong:1813 1773+12=1785 ok?`"""
+    `calculator` = the calculator's verdict on every arithmetic claim `a op b = c` of the
+    assistant's text (`data.evidence`): `xv` = the first claim is wrong, the second right"""
     max_tokens: int = Field(default=32, ge=1, le=4096)
     description: str = ""
     task: str | None = None

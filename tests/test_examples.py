@@ -41,7 +41,7 @@ def test_world_skills_example():
     line = next(x for x in out.splitlines() if "were already in the KV cache" in x)
     check = line.split("`")[1]
     assert f"(computed {2 + len(check)} new tokens for `{check}`; the 44 before them" in line
-    assert check == "58*6=348 ok 348+31=379 ok?"
+    assert check == "vv"  # both claims of the base's solution are right
     ok, wrong = [float(line.split("= ")[1].split()[0]) for line in out.splitlines()
                  if line.startswith("verifier:") and "for '" in line]
     assert ok > wrong  # the right solution scores above the one with a wrong product

@@ -30,7 +30,7 @@ COMMANDS: dict[str, Callable] = {
 }
 
 GROUPS = {"bank": "inspect, export and grow a compressed adapter bank",
-          "world": "build, recompress and evaluate the embedded default world (base model, skills, task bank)"}
+          "world": "build, retrain, recompress and evaluate the embedded default world (base model, skills, task bank)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

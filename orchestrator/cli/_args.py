@@ -72,7 +72,7 @@ def add_function(subparsers, name: str, fn: Callable) -> argparse.ArgumentParser
                 kwargs["required"] = True
             elif hint is not bool:
                 kwargs["default"] = param.default
-                if param.default is not None and param.default != []:
+                if param.default is not None and param.default != [] and param.default != "":
                     kwargs["help"] = f"{help_text} (default: {param.default})".strip()
             p.add_argument(*flags, dest=param.name, **kwargs)
     p.set_defaults(_fn=fn)

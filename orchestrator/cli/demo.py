@@ -72,10 +72,9 @@ def _print(report: dict, console: Console) -> None:
     v = report.get("verification")
     if v:
         console.print(f"verification in best-of-{report['n']}: {v['calls']} verifier calls, each computing "
-                      f"{v['prefilled_per_call']:.1f} tokens over {v['reused_per_call']:.0f} cached ones; "
-                      f"{v['time_share']:+.1%} wall time over the same sampling without it "
-                      f"({v['wall_s_with']:.1f} s vs {v['wall_s_without']:.1f} s), "
-                      f"{v['tokens_share']:.1%} of its computed tokens")
+                      f"{v['prefilled_per_call']:.1f} tokens over {v['reused_per_call']:.0f} cached ones: "
+                      f"{v['time_share']:.1%} of the sampling's engine time ({v['backend_ms'] / 1e3:.2f} s vs "
+                      f"{v['generation_backend_ms'] / 1e3:.2f} s), {v['tokens_share']:.1%} of its computed tokens")
     ex = report.get("example")
     if ex:
         from ..trace import Trace

@@ -149,9 +149,8 @@ def test_calculator_evidence_and_twins_against_brute_force(tok):
         assert all(claimed == computed for _, claimed, computed in w[1:])
         bad_step = data.corrupt_claim(p.steps[0].text(), rng)
         assert not data.step_ok(p, [bad_step], 0) and data.step_ok(p, [p.steps[0].text()], 0)
-    assert data.evidence([("37*49", "1773", "1813"), ("1773+12", "1785", "1785")]) == \
-        "37*49=1773 wrong:1813 1773+12=1785 ok?"
-    assert data.evidence([]) == "?"
+    assert data.evidence([("37*49", "1773", "1813"), ("1773+12", "1785", "1785")]) == "xv"
+    assert data.evidence([]) == ""
     s = data.Sample(p, p.solution(), True)
     v = data.verifier_example(data.Encoder(tok), s, adapter=0)
     inv = v.tokens.index(tok.convert_tokens_to_ids(VERIFY))
