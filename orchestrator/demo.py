@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from skills.tasks import Problem, problems
+from skills.tasks import Problem, parse_answer, problems
 
 from . import strategies as st
 from .executor import Executor
@@ -61,12 +61,15 @@ def run_strategy(ex: Executor, graph: Graph, probs: list[Problem], seed: int) ->
             agg = by_kind.setdefault(kind, {"prefilled": 0, "reused": 0, "decoded": 0, "calls": 0, "backend_ms": 0.0})
             for k in agg:
                 agg[k] += d[k]
+    sampled = [[e.get("output", "") for e in r.trace.of("node") if e["node"] == "sample"] for r in runs]
     row = {"graph": graph.name, "accuracy": sum(correct) / len(probs), "correct": sum(correct),
            "tokens_computed": tot["prefilled"] + tot["decoded"], "tokens_reused": tot["reused"], **tot,
            "wall_s": round(wall, 3), "by_kind": by_kind,
            "tool_calls": sum(len(r.trace.of("tool")) for r in runs),
            "adapter_switches": sum(len(r.trace.of("adapter")) for r in runs),
            "rewinds": sum(len(r.trace.of("rewind")) for r in runs)}
+    if any(sampled):  # the samples' ceiling: a problem counts if any of its samples is right
+        row["pass_at_n"] = sum(any(parse_answer(t) == p.answer for t in ts) for ts, p in zip(sampled, probs)) / len(probs)
     return row, list(zip(runs, correct))
 
 

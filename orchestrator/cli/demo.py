@@ -69,6 +69,9 @@ def _print(report: dict, console: Console) -> None:
     console.print(t)
     for name, r in rows.items():
         console.print(f"  [bold]{name}[/bold]: {escape(r['description'])}")
+    bon = rows.get("best_of_n") or rows.get("majority")
+    if bon and "pass_at_n" in bon:
+        console.print(f"the samples' ceiling: pass@{report['n']} = {bon['pass_at_n']:.3f} (a right answer among the samples)")
     v = report.get("verification")
     if v:
         console.print(f"verification in best-of-{report['n']}: {v['calls']} verifier calls, each computing "
