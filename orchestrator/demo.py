@@ -44,7 +44,7 @@ STRATEGIES = {
     "agent": Strategy("agent", "tools + step checks with backtracking + verifier with restart",
                       lambda n: st.agent_graph()),
 }
-DEFAULT = ("greedy", "majority", "best_of_n", "weighted", "tools", "agent")
+DEFAULT = ("greedy", "majority", "best_of_n", "weighted", "backtrack", "beam", "tools", "agent")
 
 
 def run_strategy(ex: Executor, graph: Graph, probs: list[Problem], seed: int) -> tuple[dict, list]:

@@ -17,20 +17,21 @@ def demo(*, problems: int = 200, n: int = 8, seed: int = 0, strategies: str = ""
     """Run test-time strategies on held-out problems of the embedded world and compare them.
 
     Greedy decoding of the base model, majority vote and verifier-guided best-of-n over n
-    samples, tool-augmented generation (the tool selector proposes calculator calls at step
-    boundaries; the safe calculator's result is inserted; the base continues), and the full
-    agent (tools + step checks with backtracking + the verifier). One engine serves the base and
+    samples, step checks with backtracking, step-level beam search, tool-augmented generation
+    (the tool selector proposes calculator calls at step boundaries; the safe calculator's
+    result is inserted; the base continues), and the full agent (tools + step checks with
+    backtracking + the verifier). One engine serves the base and
     every skill adapter; activated skills read the base's KV cache and compute only their own
     tokens. Prints one table (accuracy, tokens computed, tokens reused from cache, wall time),
     what verification costs, and the trace of one solved problem with its adapter switches and
-    tool calls. About a minute on 2 CPU cores.
+    tool calls. About a minute and a half on 2 CPU cores.
 
     Args:
       problems: held-out problems to run
       n: samples per problem for majority / best-of-n
       seed: seed of the problems' sampling
-      strategies: comma-separated subset of greedy, majority, best_of_n, weighted, tools,
-        backtrack, beam, agent (default: all but backtrack and beam)
+      strategies: comma-separated subset of greedy, majority, best_of_n, weighted, backtrack,
+        beam, tools, agent (default: all)
       world: a world directory (default: the embedded one)
       json: print the report as JSON on stdout (the table goes nowhere)
       trace_out: also write the example's trace (JSON) to this file
