@@ -138,13 +138,23 @@ def _build(e: Engine, plan: list[tuple[Seq, int, int]]) -> tuple[ForwardBatch, l
         masks = {w: _mask(kpos, qpos, lens[:, None], w)[:, None, None, :] for w in windows}
         q_rows = torch.tensor([r for _, r, _, _ in decode], device=dev)[:, None]
         groups.append(AttnGroup(q_rows, key_slots, masks, covers_all=not prefill and len(decode) == row))
-    for s, r, start, end in prefill:
-        table = torch.tensor(s.blocks, device=dev)
-        key_slots = (table[:, None] * bs + torch.arange(bs, device=dev)).view(1, -1)[:, :end]  # (1, L)
-        kpos = torch.arange(end, device=dev)[None]  # (1, L)
-        qpos = torch.arange(start, end, device=dev)[:, None]  # (Q, 1)
-        masks = {w: _mask(kpos, qpos, end, w)[None, None] for w in windows}
-        q_rows = torch.arange(r, r + end - start, device=dev)[None]
+    # Prefill chunks of the same length attend together (padded keys, masked): many short chunks
+    # (forks scoring a few tokens each over a shared prefix) would otherwise cost one attention
+    # call per sequence and layer.
+    by_len: dict[int, list] = {}
+    for item in prefill:
+        by_len.setdefault(item[3] - item[2], []).append(item)
+    for q, items in by_len.items():
+        starts = torch.tensor([start for _, _, start, _ in items], device=dev)  # (B,)
+        ends = starts + q
+        width = max(len(s.blocks) for s, *_ in items)
+        table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s, *_ in items], device=dev)
+        key_slots = (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(len(items), -1)
+        key_slots = key_slots[:, : int(ends.max())].contiguous()  # (B, L)
+        kpos = torch.arange(key_slots.shape[1], device=dev)[None, None]  # (1, 1, L)
+        qpos = (starts[:, None] + torch.arange(q, device=dev)[None])[:, :, None]  # (B, Q, 1)
+        masks = {w: _mask(kpos, qpos, ends[:, None, None], w)[:, None] for w in windows}  # (B, 1, Q, L)
+        q_rows = torch.tensor([r for _, r, _, _ in items], device=dev)[:, None] + torch.arange(q, device=dev)[None]
         groups.append(AttnGroup(q_rows, key_slots, masks, covers_all=len(plan) == 1))
     batch = ForwardBatch(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
                          torch.tensor(slots, device=dev), groups)

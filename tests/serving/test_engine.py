@@ -191,3 +191,24 @@ def test_bad_sequence_operations(engine):
     with pytest.raises(ValueError, match="empty"):
         engine.generate([[]])
     engine.close(seq)
+
+
+def test_equal_length_prefills_attend_together_as_if_alone(engine, model_dir):
+    """Forks of one context, each scoring a same-length continuation (one attention group, padded
+    keys) at different context lengths, give the log-probabilities each gets on its own."""
+    contexts = [list(range(3, 3 + n)) for n in (5, 9, 14, 22)]  # keys of different lengths, padded
+    conts = [[40, 41, 42, 43], [7, 8, 9, 10], [50, 3, 50, 3], [11, 12, 13, 14]]
+    seqs = [engine.open(c) for c in contexts]
+    for s in seqs:
+        assert engine.submit_prefill(s)
+    engine.wait(seqs)  # contexts computed: each score now prefills 4 new tokens over its cache
+    steps = engine.steps
+    together = engine.score_many([(s, c, None) for s, c in zip(seqs, conts)])
+    assert engine.steps == steps + 1  # all four in one forward
+    for s in seqs:
+        engine.close(s)
+    for ctx, cont, (scores, _) in zip(contexts, conts, together):
+        alone = Engine.from_pretrained(model_dir, kv_cache_tokens=1024, block_size=4)
+        ref = alone.score(alone.open(ctx), cont)
+        torch.testing.assert_close(torch.tensor(scores), torch.tensor(ref), atol=1e-5, rtol=1e-5)
+    assert len({tuple(s) for s, _ in together}) == 4  # non-vacuous: the continuations differ
