@@ -85,7 +85,9 @@ def run_demo(world=None, n_problems: int = 200, n: int = 8, seed: int = 0, names
         raise ValueError(f"--n must be >= 1, got {n!r}")
     say = progress or (lambda msg: None)
     say("loading the world")
-    ex = Executor.for_world(world)
+    # about 512 live branches at once (64 problems at n = 8): enough to fill the engine's batches,
+    # few enough that their KV caches fit
+    ex = Executor.for_world(world, max_runs=max(1, 512 // max(n, 8)))
     probs = problems(n_problems, seed + 101, "test")  # the held-out split `kilolora world eval` uses
     report: dict = {"problems": n_problems, "n": n, "seed": seed, "strategies": {}}
     example = None
