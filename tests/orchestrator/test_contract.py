@@ -210,3 +210,40 @@ def test_events_stream_while_running_in_trace_order(ex):
         ex.on_event = None
     assert seen == run.trace.events and seen[0]["event"] == "run_start" and seen[-1]["event"] == "run_end"
     assert [e["t"] for e in seen] == sorted(e["t"] for e in seen)
+
+
+def test_runs_admitted_in_waves_give_the_same_results(ex):
+    g = Graph(State, "waves")
+    g.add("fork", Fork(3))
+    g.add("a", Generate(max_tokens=8, temperature=1.0))
+    g.add("pick", Join(select=lambda states: [len(states) - 1]))
+    g.chain("fork", "a", "pick")
+    prompts = ["1+2", "3*4", "5-6", "7*8+9", "10*11"]
+    old = ex.max_runs
+    try:
+        ex.max_runs = 2
+        waves = ex.run_many(g, prompts, seed=4)
+        ex.max_runs = 64
+        together = ex.run_many(g, prompts, seed=4)
+    finally:
+        ex.max_runs = old
+    assert [r.trace.replay_key() for r in waves] == [r.trace.replay_key() for r in together]
+    assert [r.text for r in waves] == [r.text for r in together] and _open_count(ex) == 0
+
+
+def test_trace_renders_as_a_tree(ex):
+    from rich.console import Console
+
+    class Calc(State):
+        call: str = ""
+
+    g = Graph(Calc, "render")
+    g.add("propose", Call(lambda s: {"call": "[CALC]6*7[/CALC]"}))
+    g.add("tool", Tool(call="call"))
+    g.add("judge", Score("verifier"))
+    g.chain("propose", "tool", "judge")
+    run = ex.run(g, "6*7")
+    console = Console(record=True, width=120)
+    run.trace.render(console)
+    out = console.export_text()
+    assert "calculator(6*7) = 42" in out and "adapter base -> verifier" in out and "verifier score" in out
