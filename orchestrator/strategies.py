@@ -21,7 +21,6 @@ parameter. Each `*_graph` returns a `Graph`; `best_of_n(...)` also runs one on p
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 from skills.tasks import parse_answer
@@ -198,5 +197,3 @@ def _accumulate(s: Solution) -> dict:
     p = s.step_score if s.step_score is not None else 0.5
     return {"log_score": s.log_score + math.log(max(p, 1e-9))}
 
-
-_CLAIM = re.compile(r"(-?\d+)\s*([*+\-/])\s*(\d+)\s*=\s*(-?\d+)")

@@ -26,7 +26,7 @@ from . import data
 from .evaluate import evaluate
 from .spec import Skill
 from .tasks import Transform, problems, transform_family
-from .tokenizer import CHECK, NO, SELECT, VERIFY, YES, save_tokenizer
+from .tokenizer import CHECK, SELECT, VERIFY, save_tokenizer
 from .train import MultiLora, TrainConfig, adamw_step, base_loss, export_peft, fit, lora_loss, multi_lora_step, peft_config
 from .world import FORMAT_VERSION, MANIFEST, World
 
@@ -390,15 +390,7 @@ def rebank(world_dir: str | os.PathLike, bank: BankConfig, console=None, evaluat
     manifest["build"] = {**manifest["build"], "bank_method": bank.method, "bank_rank": bank.rank,
                          "bank_clusters": bank.clusters, "bank_dtype": bank.dtype}
     manifest["build_seconds"] = {**manifest.get("build_seconds", {}), "rebank": round(time.perf_counter() - t0, 1)}
-    for k in ("eval", "eval_error"):
-        manifest.pop(k, None)
-    _write_manifest(world.path, manifest)
-    if evaluate_after:
-        b = manifest["build"]
-        _evaluate_into(manifest, World.load(world.path), b["eval_problems"], b["eval_per_task"],
-                       b["samples_per_problem"], b["seed"], console)
-        _write_manifest(world.path, manifest)
-    return World.load(world.path)
+    return _update_manifest(world.path, manifest, console, evaluate_after)
 
 
 RETRAINABLE = ("verifier", "self_eval")
@@ -458,15 +450,20 @@ def retrain_skills(world_dir: str | os.PathLike, names: tuple[str, ...] = RETRAI
                           for s in manifest["skills"]]
     manifest["retrained"] = {"skills": list(names), "steps": steps, "batch": batch,
                              "final_loss": _tail(losses), "seconds": round(time.perf_counter() - t0, 1)}
+    return _update_manifest(world.path, manifest, console, evaluate_after)
+
+
+def _update_manifest(path: Path, manifest: dict, console, evaluate_after: bool) -> World:
+    """Write a changed world's manifest, its old evaluation dropped, then (optionally) a new one."""
     for k in ("eval", "eval_error"):
         manifest.pop(k, None)
-    _write_manifest(world.path, manifest)
+    _write_manifest(path, manifest)
     if evaluate_after:
         b = manifest["build"]
-        _evaluate_into(manifest, World.load(world.path), b["eval_problems"], b["eval_per_task"],
-                       b["samples_per_problem"], b["seed"], console)
-        _write_manifest(world.path, manifest)
-    return World.load(world.path)
+        _evaluate_into(manifest, World.load(path), b["eval_problems"], b["eval_per_task"], b["samples_per_problem"],
+                       b["seed"], console)
+        _write_manifest(path, manifest)
+    return World.load(path)
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:

@@ -11,8 +11,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import warnings  # noqa: E402
-
 import pytest  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
