@@ -283,7 +283,8 @@ class Executor:
         br.node_tokens, br.node_t0 = Tokens(), time.perf_counter()
         node = self.graph.node(name)
         if not isinstance(node, (Join, Rewind)):
-            br.gen = node.run(Ctx(self, br))
+            gen = node.run(Ctx(self, br))  # a plain function's work is done here; a generator's starts on next()
+            br.gen = gen if gen is not None else iter(())
 
     def _leave(self, br: Branch) -> None:
         br.state.text = self.backend.text(br.seq, br.prompt_mark)

@@ -74,12 +74,13 @@ AdapterArg = str | None | Callable[[State], str | None]
 
 
 class Node:
-    """A step of a graph; `run` yields batches of requests and receives their results."""
+    """A step of a graph. `run` acts on `ctx` (state, sequence, backend); a node that needs the
+    model is a generator that yields batches of requests and receives their results."""
 
     kind = "node"
 
-    def run(self, ctx: Ctx) -> Iterator[list[GenRequest]]:
-        return iter(())
+    def run(self, ctx: Ctx) -> Iterator[list[GenRequest]] | None:
+        return None
 
     def label(self) -> str:
         return self.kind
@@ -205,7 +206,6 @@ class Tool(Node):
         m = re.search(re.escape(self.open) + r"(.*?)" + re.escape(self.close), getattr(ctx.state, self.call), re.S)
         if m is None:
             return
-        yield from ()
         res = ctx.tool(self.tool)(m.group(1).strip())
         inserted = f"{self.open}{m.group(1)}{self.close}{res.insertion}"
         ctx.backend.extend(ctx.seq, inserted)
@@ -230,8 +230,6 @@ class Append(Node):
         text = self.text(ctx.state) if callable(self.text) else self.text
         if text:
             ctx.backend.extend(ctx.seq, text)
-        return
-        yield
 
     def label(self) -> str:
         return f"append {self.text!r}" if not callable(self.text) else "append f(state)"
@@ -249,8 +247,6 @@ class Call(Node):
         if isinstance(out, dict):
             for k, v in out.items():
                 ctx.put(k, v)
-        return
-        yield
 
     def label(self) -> str:
         return f"call {getattr(self.fn, '__name__', 'fn')}"
