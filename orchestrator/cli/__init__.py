@@ -7,17 +7,20 @@ ValueError inside a command; here it becomes one `kilolora: error: ...` line and
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import warnings
 from collections.abc import Callable
 
 from . import bank as bank_cmds
 from . import demo as demo_cmds
+from . import serve as serve_cmds
 from . import world as world_cmds
 from ._args import add_function
 
 COMMANDS: dict[str, Callable] = {
     "demo": demo_cmds.demo,
+    "serve": serve_cmds.serve,
     "compress": bank_cmds.compress,
     "bank info": bank_cmds.bank_info,
     "bank export": bank_cmds.bank_export,
@@ -61,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     args = vars(parser.parse_args(argv))
     fn = args.pop("_fn")
     warnings.formatwarning = _one_line_warning
+    positional = [args.pop(p.name) for p in inspect.signature(fn).parameters.values()
+                  if p.kind is inspect.Parameter.POSITIONAL_ONLY]
     try:
-        fn(**args)
+        fn(*positional, **args)
     except (ValueError, KeyError, FileNotFoundError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"kilolora: error: {msg}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Build argparse parsers from plain functions: the signature and docstring are the help.
 
-A parameter without a default is positional (`list[str]` takes one or more values); one with
-a default becomes `--name` (`bool` a flag, `Literal[...]` a choice); a keyword-only one
+A parameter without a default is positional (`list[str]` takes one or more values), and so is a
+positional-only one with a default (optional: `[NAME]`); one with a default becomes `--name` (`bool` a flag, `Literal[...]` a choice); a keyword-only one
 without a default is a required `--name`. The docstring's first
 paragraph is the description, its `Args:` section the per-parameter help. Same idea as
 litgpt's `__main__.py`, without a dependency.
@@ -61,7 +61,10 @@ def add_function(subparsers, name: str, fn: Callable) -> argparse.ArgumentParser
         else:
             kwargs["type"] = hint
         keyword_only = param.kind is inspect.Parameter.KEYWORD_ONLY
-        if param.default is inspect.Parameter.empty and not keyword_only:
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY and param.default is not inspect.Parameter.empty:
+            kwargs.update(metavar=param.name.upper(), nargs="?", default=param.default)  # an optional positional
+            p.add_argument(param.name, **kwargs)
+        elif param.default is inspect.Parameter.empty and not keyword_only:
             kwargs["metavar"] = param.name.upper()
             p.add_argument(param.name, **kwargs)
         else:

@@ -1,0 +1,86 @@
+"""`kilolora serve`: the OpenAI-compatible server (see `serving.server`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+
+def serve(model_dir: str | None = None, /, *, bank: str | None = None, adapter: list[str] = [],
+          host: str = "127.0.0.1", port: int = 8000, tool_format: Literal["auto", "markup", "hermes", "none"] = "auto",
+          served_model_name: str = "base", kv_cache_tokens: int = 65536, max_batch_tokens: int = 2048,
+          device: str = "cpu", log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning") -> None:
+    """Serve a base model and its adapters behind an OpenAI-compatible API.
+
+    With no MODEL_DIR it serves the embedded default world: the base, its skills (verifier,
+    self_eval, tool_selector) and the task bank, with OpenAI tool calls for a `calculator`
+    function (the tool selector proposes calls at step boundaries). MODEL_DIR may be a HF
+    checkpoint directory or a world directory. Endpoints: /v1/models, /v1/completions,
+    /v1/chat/completions (stream, n, logprobs, tools), /v1/load_lora_adapter,
+    /v1/unload_lora_adapter, /tokenize, /detokenize, /health, /metrics. The `model` field picks
+    the adapter: `base`, `NAME` or `base:NAME`. Only local directories are ever loaded.
+
+    Args:
+      model_dir: HF checkpoint or world directory (default: the embedded world)
+      bank: a compressed bank directory to serve (its adapters by name)
+      adapter: PEFT adapters to serve, as NAME=DIR (one or more)
+      host: interface to listen on
+      port: TCP port
+      tool_format: how the model writes tool calls: markup ([CALC]...[/CALC], the world's), hermes
+        (<tool_call> JSON), none; auto picks markup for a world and hermes for a chat template
+        that renders tools
+      served_model_name: the base model's id in the API
+      kv_cache_tokens: KV cache capacity in tokens
+      max_batch_tokens: most tokens in one engine step
+      device: cpu or cuda
+      log_level: uvicorn's log level
+    """
+    from serving.engine import Engine
+    from serving.server import ServerLimits, create_app, local_dir
+    from serving.server import serve as run
+    from serving.tool_calls import dispatch_tool_format
+
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    pairs = {}
+    for a in adapter:
+        name, sep, path = a.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter takes NAME=DIR, got {a!r}")
+        pairs[name] = str(local_dir(path, f"--adapter {name}"))
+    engine_kw = dict(kv_cache_tokens=kv_cache_tokens, max_batch_tokens=max_batch_tokens, device=device)
+    world = None
+    if model_dir is None or (Path(model_dir) / "world.json").is_file():
+        from skills.world import World
+
+        world = World.load(model_dir)
+        engine = world.engine(**engine_kw)
+        if bank is not None:
+            engine.load_bank(local_dir(bank, "--bank"))
+    else:
+        engine = Engine.from_pretrained(local_dir(model_dir, "MODEL_DIR"), bank=bank and local_dir(bank, "--bank"),
+                                        **engine_kw)
+    for name, path in pairs.items():
+        engine.load_adapter(name, path)
+    fmt = dispatch_tool_format(tool_format, engine.tokenizer, world_tools(world) if world is not None else None)
+    app = create_app(engine, model_name=served_model_name, tool_format=fmt, limits=ServerLimits(),
+                     adapter_roots=pairs)
+    what = f"world {world.path}" if world is not None else model_dir
+    tools = f"tool calls: {fmt.describe()}" if fmt is not None else "no tool calls"
+    print(f"kilolora: serving {what}: {served_model_name} + {len(engine.adapters)} adapters, {tools}\n"
+          f"kilolora: OpenAI API at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    run(app, host=host, port=port, log_level=log_level)
+
+
+def world_tools(world):
+    """The world's tool-call format: `[CALC]expr[/CALC]`, proposed by its tool-selector skill."""
+    from serving.tool_calls import MarkupTools
+    from skills.tokenizer import CALC_CLOSE, CALC_OPEN
+
+    selectors = world.skills("tool_selector")
+    if not selectors:
+        return MarkupTools(open=CALC_OPEN, close=CALC_CLOSE)
+    s = selectors[0]
+    return MarkupTools(open=CALC_OPEN, close=CALC_CLOSE, proposer=s.adapter, invocation=s.invocation or "",
+                       max_call_tokens=s.max_tokens)

@@ -1,0 +1,202 @@
+"""The engine behind a server: one thread owns the `Engine` and steps it; coroutines send it work.
+
+The engine is not thread-safe, so every call that touches it (`open`, `fork`, `submit`, `close`,
+adapter loading) runs on the engine thread between steps, through `call`. A generation job streams
+its `Delta`s back to the coroutine that submitted it through an `asyncio.Queue`. Requests from any
+number of clients are therefore one continuous batch: each `step()` advances all of them together.
+Closing a sequence (a client disconnected) frees its blocks before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import Engine
+from .sampling import SamplingParams
+from .sequence import Delta
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class EngineDied(RuntimeError):
+    """A step raised: the engine thread failed every running job with this error."""
+
+
+class AsyncEngine:
+    """Run `engine` on its own thread (see the module docstring); `start()` before use."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[int, _Stream] = {}
+        self._prefills: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.step_seconds = 0.0
+        """time spent inside `engine.step()` (for the benchmark's accounting)"""
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> AsyncEngine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="kilolora-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # ------------------------------------------------------------ coroutines
+    async def call(self, fn: Callable[..., Any], *args) -> Any:
+        """Run `fn(*args)` on the engine thread between steps; its exception is raised here."""
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineDied("the engine thread is not running")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._commands.put((fn, args, loop, fut))
+        self._wake.set()
+        return await fut
+
+    async def generate(self, seq: int, params: SamplingParams, adapter: str | None = None,
+                       set_adapter: bool = True) -> AsyncIterator[Delta]:
+        """Generate on an idle sequence (under `adapter` when `set_adapter`); yields its deltas,
+        the last one carrying the `Completion`. The sequence keeps the output. Stopping the
+        iteration early (a cancelled request) leaves the job running: `close` the sequence."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def submit():
+            if set_adapter and self.engine.adapter_of(seq) != adapter:
+                self.engine.set_adapter(seq, adapter)
+            self.engine.submit(seq, params)
+            self._streams[seq] = _Stream(loop, q)
+
+        await self.call(submit)
+        while True:
+            d = await q.get()
+            if isinstance(d, BaseException):
+                raise d
+            yield d
+            if d.finished is not None:
+                return
+
+    async def prefill(self, seq: int) -> int:
+        """Compute an idle sequence's context (so that forks share it); returns the tokens computed."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def submit():
+            if self.engine.submit_prefill(seq):
+                self._prefills[seq] = (loop, fut)
+            else:
+                fut.set_result(0)
+
+        await self.call(submit)
+        return await fut
+
+    async def close(self, *seqs: int) -> None:
+        """Close sequences (running or not): their blocks are free for the next step."""
+        def close():
+            for s in seqs:
+                self._streams.pop(s, None)
+                self._prefills.pop(s, None)
+                self.engine.close(s)
+
+        await self.call(close)
+
+    def close_nowait(self, *seqs: int) -> None:
+        """Queue the sequences' closing without waiting (safe from a cancelled coroutine)."""
+        def close():
+            for s in seqs:
+                self._streams.pop(s, None)
+                self._prefills.pop(s, None)
+                self.engine.close(s)
+
+        self._commands.put((close, (), None, None))
+        self._wake.set()
+
+    async def stats(self) -> dict:
+        return await self.call(self.engine.stats)
+
+    # ---------------------------------------------------------- engine thread
+    def _loop(self) -> None:
+        while not self._stop:
+            self._wake.clear()
+            self._run_commands()
+            if not self.engine.has_work():
+                self._wake.wait(timeout=1.0)
+                continue
+            t = time.perf_counter()
+            try:
+                deltas = self.engine.step()
+            except Exception as err:  # a bug in a step must not hang every client: fail them all
+                self._fail_all(err)
+                continue
+            finally:
+                self.step_seconds += time.perf_counter() - t
+            for d in deltas:
+                st = self._streams.get(d.seq)
+                if st is None:
+                    continue
+                if d.finished is not None:
+                    self._streams.pop(d.seq)
+                    self.engine.wait([d.seq])  # returns at once: clears the finished job
+                st.loop.call_soon_threadsafe(st.queue.put_nowait, d)
+            for seq, (loop, fut) in list(self._prefills.items()):
+                if not self.engine._active(self.engine._seq(seq)):
+                    del self._prefills[seq]
+                    (c,) = self.engine.wait([seq])
+                    error = RuntimeError(c.error) if c.error else None
+                    loop.call_soon_threadsafe(_settle, fut, c.counters.prefilled, error)
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, args, loop, fut = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                result, error = fn(*args), None
+            except Exception as err:
+                result, error = None, err
+            if fut is not None:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+
+    def _fail_all(self, err: Exception) -> None:
+        for seq, st in list(self._streams.items()):
+            self._streams.pop(seq)
+            try:
+                self.engine.close(seq)
+            except Exception:  # closing is best effort here: the error below is what matters
+                pass
+            st.loop.call_soon_threadsafe(st.queue.put_nowait, EngineDied(f"engine step failed: {err!r}"))
+        for seq, (loop, fut) in list(self._prefills.items()):
+            self._prefills.pop(seq)
+            try:
+                self.engine.close(seq)
+            except Exception:
+                pass
+            loop.call_soon_threadsafe(_settle, fut, None, EngineDied(f"engine step failed: {err!r}"))
+
+
+def _settle(fut: asyncio.Future, result, error) -> None:
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
