@@ -19,7 +19,7 @@ prefix cache) and tokens generated (`decoded`).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -82,7 +82,8 @@ class Backend(Protocol):
 
     name: str
 
-    def chat_prompt(self, user: str) -> str: ...
+    def chat_prompt(self, messages: str | list[dict]) -> str:
+        """The model's prompt for a user message, or a list of chat messages ({role, content})."""
 
     def open(self, prompt: str) -> int: ...
 
@@ -98,7 +99,10 @@ class Backend(Protocol):
 
     def close(self, seq: int) -> None: ...
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]: ...
+    def generate(self, requests: Sequence[GenRequest], on_text: Callable[[int, str], None] | None = None
+                 ) -> list[GenResult]:
+        """Run the requests together; `on_text(i, text)` streams request i's output as it comes
+        (the pieces add up to its `GenResult.text`)."""
 
 
 def yes_probability(top: dict[str, float], yes: str, no: str) -> float:
@@ -133,9 +137,9 @@ class EngineBackend:
         engine_kw.setdefault("kv_cache_tokens", 1 << 17)
         return cls(world.engine(**engine_kw))
 
-    def chat_prompt(self, user: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                  add_generation_prompt=True)
+    def chat_prompt(self, messages: str | list[dict]) -> str:
+        msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
     def open(self, prompt: str) -> int:
         return self.engine.open(prompt)
@@ -158,7 +162,8 @@ class EngineBackend:
     def close(self, seq: int) -> None:
         self.engine.close(seq)
 
-    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+    def generate(self, requests: Sequence[GenRequest], on_text: Callable[[int, str], None] | None = None
+                 ) -> list[GenResult]:
         from serving.sampling import SamplingParams
 
         eng = self.engine
@@ -176,9 +181,17 @@ class EngineBackend:
             eng.submit(r.seq, SamplingParams(max_tokens=r.max_tokens, temperature=r.temperature, top_p=r.top_p,
                                              stop=list(r.stop), seed=r.seed, logprobs=r.logprobs))
             waiting.append(r.seq)
+        streamed: dict[int, str] = {}
+        if on_text is not None:
+            index = {r.seq: i for i, r in enumerate(requests) if r.max_tokens > 0}
+            while any(eng.running(q) for q in waiting):
+                for d in eng.step():
+                    if d.text and d.seq in index:
+                        streamed[d.seq] = streamed.get(d.seq, "") + d.text
+                        on_text(index[d.seq], d.text)
         by_seq = dict(zip(waiting, eng.wait(waiting)))
         out = []
-        for r, start in zip(requests, starts):
+        for i, (r, start) in enumerate(zip(requests, starts)):
             c = by_seq.get(r.seq)
             if c is None or c.finish_reason == "prefilled":
                 n = c.counters if c is not None else None
@@ -187,6 +200,8 @@ class EngineBackend:
             if c.finish_reason == "error":
                 raise RuntimeError(f"generation failed on sequence {r.seq}: {c.error}")
             text = self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+            if on_text is not None and len(text) > len(streamed.get(r.seq, "")):
+                on_text(i, text[len(streamed.get(r.seq, "")):])  # the stop string, held back
             top = None
             if c.logprobs is not None:
                 top = [{self.tokenizer.convert_ids_to_tokens(t): lp for t, lp in x.top} for x in c.logprobs]

@@ -124,7 +124,8 @@ class Executor:
     (name -> callable returning a `tools.ToolResult`)."""
 
     def __init__(self, backend: Backend, skills: dict | None = None, tools: dict[str, Callable] | None = None,
-                 max_steps: int = 200, on_event: Callable[[dict], None] | None = None, max_runs: int = 64):
+                 max_steps: int = 200, on_event: Callable[[dict], None] | None = None, max_runs: int = 64,
+                 on_text: Callable[[dict], None] | None = None):
         from .tools import calculator
 
         self.backend = backend
@@ -138,6 +139,8 @@ class Executor:
         self.max_runs = max_runs
         """runs of `run_many` live at once; the others queue (each holds its branches' KV cache)"""
         self.on_event = on_event
+        self.on_text = on_text
+        """streamed model output: {run, branch, node, adapter, text} per piece (not kept in traces)"""
 
     @classmethod
     def for_world(cls, world=None, backend: Backend | None = None, **kw) -> Executor:
@@ -199,7 +202,8 @@ class Executor:
         """Start queued runs while fewer than `max_runs` are live (bounds the KV cache in use)."""
         while self.queue and len(self.active) < self.max_runs:
             i, state = self.queue.pop(0)
-            seq = self.backend.open(self.backend.chat_prompt(state.prompt))
+            msgs = [*state.history, {"role": "user", "content": state.prompt}] if state.history else state.prompt
+            seq = self.backend.open(self.backend.chat_prompt(msgs))
             self.emit(i, "run_start", graph=self.graph.name, prompt=state.prompt, seed=self.seeds[i])
             br = Branch(i, "0", seq, state, "", prompt_mark=self.backend.mark(seq))
             self.branches.append(br)
@@ -225,7 +229,8 @@ class Executor:
                 continue  # every live run ended this round: admit queued ones, or stop
             reqs = [r for b in waiting for r in b.pending]
             t = time.perf_counter()
-            results = self.backend.generate(reqs)
+            results = self.backend.generate(reqs, self._streamer(waiting)) if self.on_text is not None \
+                else self.backend.generate(reqs)
             # the round's backend time, shared out by tokens computed (exact for a round of one kind)
             ms = (time.perf_counter() - t) * 1e3
             work = [max(r.tokens.computed, 1) for r in results]
@@ -237,6 +242,16 @@ class Executor:
                 b.node_backend_ms += ms * sum(work[k:k + n]) / total
                 self._advance(b, results[k:k + n])
                 k += n
+
+    def _streamer(self, waiting: list[Branch]) -> Callable[[int, str], None]:
+        owners = [(b, r) for b in waiting for r in b.pending]
+
+        def on_text(i: int, text: str) -> None:
+            b, r = owners[i]
+            self.on_text({"run": b.run, "branch": b.id, "node": b.node, "kind": self.graph.node(b.node).kind,
+                          "adapter": r.adapter or "base", "text": text})
+
+        return on_text
 
     def _at_join(self, br: Branch) -> bool:
         return br.gen is None and isinstance(self.graph.node(br.node), Join)

@@ -58,6 +58,8 @@ class State(BaseModel):
 
     prompt: str = ""
     """the user message"""
+    history: list[dict[str, str]] = []
+    """earlier messages of the conversation ({role, content}), rendered before `prompt` (chat)"""
     text: str = ""
     """the assistant's text so far (kept in step with the sequence by the executor)"""
     last: str = ""

@@ -157,7 +157,7 @@ class AsyncEngine:
                     self.engine.wait([d.seq])  # returns at once: clears the finished job
                 st.loop.call_soon_threadsafe(st.queue.put_nowait, d)
             for seq, (loop, fut) in list(self._prefills.items()):
-                if not self.engine._active(self.engine._seq(seq)):
+                if not self.engine.running(seq):
                     del self._prefills[seq]
                     (c,) = self.engine.wait([seq])
                     error = RuntimeError(c.error) if c.error else None

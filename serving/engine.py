@@ -352,6 +352,10 @@ class Engine:
             self.close(seq)
 
     # ------------------------------------------------------------------ stepping
+    def running(self, seq: int) -> bool:
+        """Whether a job submitted on `seq` is still being computed (`wait` collects it)."""
+        return self._active(self._seq(seq))
+
     def has_work(self) -> bool:
         return any(self._active(s) for s in self._seqs.values())
 

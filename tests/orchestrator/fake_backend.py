@@ -36,8 +36,9 @@ class FakeBackend:
         self.batches: list[int] = []
         """size of every generate() call (tests check that branches are batched)"""
 
-    def chat_prompt(self, user: str) -> str:
-        return f"<user>{user}<assistant>"
+    def chat_prompt(self, messages) -> str:
+        msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+        return "".join(f"<{m['role']}>{m['content']}" for m in msgs) + "<assistant>"
 
     def open(self, prompt: str) -> int:
         self.next_id += 1
@@ -71,10 +72,10 @@ class FakeBackend:
         self.seqs.pop(seq, None)
         self.computed.pop(seq, None)
 
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+    def generate(self, requests: list[GenRequest], on_text=None) -> list[GenResult]:
         self.batches.append(len(requests))
         out = []
-        for r in requests:
+        for i, r in enumerate(requests):
             ctx = "".join(self.seqs[r.seq])
             tokens = Tokens(prefilled=len(ctx) - self.computed[r.seq], reused=self.computed[r.seq])
             self.computed[r.seq] = len(ctx)
@@ -91,13 +92,13 @@ class FakeBackend:
                 continue
             full = self.model(ctx, r.adapter, r.seed, r.temperature)
             text, eos, reason = "", False, "length"
-            i = 0
-            while len(text) < r.max_tokens and i < len(full):
-                if full.startswith(EOS, i):
+            k = 0
+            while len(text) < r.max_tokens and k < len(full):
+                if full.startswith(EOS, k):
                     eos, reason = True, "stop"
                     break
-                text += full[i]
-                i += 1
+                text += full[k]
+                k += 1
                 if any(text.endswith(s) for s in r.stop):
                     reason = "stop"
                     break
@@ -105,5 +106,8 @@ class FakeBackend:
             if eos:
                 self.seqs[r.seq].append(EOS)
             tokens.decoded = len(text) + eos
+            if on_text is not None:
+                for ch in text:  # streamed one "token" at a time
+                    on_text(i, ch)
             out.append(GenResult(text, reason, eos, tokens))
         return out
