@@ -162,7 +162,7 @@ def calculator_evidence(ctx: Ctx, text: str) -> str:
     found = claims(text)
     results = [ctx.tool("calculator")(expr) for expr, _ in found]
     if found:
-        ctx.emit("tool", tool="calculator", input="; ".join(e for e, _ in found),
+        ctx.emit("tool", tool="calculator", purpose="evidence", input="; ".join(e for e, _ in found),
                  output="; ".join(r.output for r in results), ok=all(r.ok for r in results),
                  ms=round(sum(r.seconds for r in results) * 1e3, 3))
     return evidence([(e, claimed, r.output if r.ok else "error") for (e, claimed), r in zip(found, results)])

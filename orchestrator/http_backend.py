@@ -37,6 +37,24 @@ OnText = Callable[[int, str], None]
 """on_text(request index, new text) while a batch generates"""
 
 
+class ServerError(RuntimeError):
+    """The server could not be reached, or answered a request with an error."""
+
+
+def _call(fn, *args, **kw):
+    """Run an `openai` client call; its failures become `ServerError`s with a one-line message."""
+    import openai
+
+    try:
+        return fn(*args, **kw)
+    except openai.APIStatusError as err:
+        body = err.body if isinstance(err.body, dict) else {}
+        msg = (body.get("error") or body).get("message") if isinstance(body.get("error") or body, dict) else None
+        raise ServerError(f"the server answered {err.status_code}: {msg or err.message}") from None
+    except openai.APIConnectionError as err:
+        raise ServerError(f"cannot reach the server at {err.request.url if err.request else '?'}: {err}") from None
+
+
 class HttpBackend:
     """Sequences as client-side text; generation through `/v1/completions` (module docstring)."""
 
@@ -69,11 +87,12 @@ class HttpBackend:
             env = jinja2.Environment(undefined=jinja2.StrictUndefined)
             return env.from_string(self.chat_template).render(messages=msgs, add_generation_prompt=True,
                                                               bos_token=self.bos_token)
-        r = self.client.post(f"{self.root}/tokenize", cast_to=dict,
-                             body={"model": self.model, "messages": msgs, "add_generation_prompt": True})
+        r = _call(self.client.post, f"{self.root}/tokenize", cast_to=dict,
+                  body={"model": self.model, "messages": msgs, "add_generation_prompt": True})
         if "prompt" in r:
             return r["prompt"]
-        d = self.client.post(f"{self.root}/detokenize", cast_to=dict, body={"model": self.model, "tokens": r["tokens"]})
+        d = _call(self.client.post, f"{self.root}/detokenize", cast_to=dict,
+                  body={"model": self.model, "tokens": r["tokens"]})
         return d["prompt"]
 
     # ------------------------------------------------------------- sequences
@@ -131,13 +150,13 @@ class HttpBackend:
         if r.max_tokens == 0:  # prefill before a fork: compute (and cache) the prompt, drop the token
             kw.update(model=self.model, temperature=0.0, stop=None, logprobs=None)
         if on_text is None or r.max_tokens == 0:
-            out = self.client.completions.create(**kw)
+            out = _call(self.client.completions.create, **kw)
             c, u = out.choices[0], out.usage
             text, finish = c.text, c.finish_reason
             stop_reason = getattr(c, "stop_reason", None)
             tops = c.logprobs.top_logprobs if c.logprobs is not None else None
         else:
-            text, finish, stop_reason, tops, u = self._stream(index, kw, on_text)
+            text, finish, stop_reason, tops, u = _call(self._stream, index, kw, on_text)
         cached = _cached(u)
         tokens = Tokens(u.prompt_tokens - cached, cached, u.completion_tokens if r.max_tokens else 0)
         if r.max_tokens == 0:
@@ -151,7 +170,7 @@ class HttpBackend:
         return GenResult(text, finish, finish == "stop" and not hit, tokens, top)
 
     def _stream(self, index: int, kw: dict, on_text: OnText):
-        stream = self.client.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
+        stream = _call(self.client.completions.create, stream=True, stream_options={"include_usage": True}, **kw)
         parts, tops, finish, stop_reason, u = [], [], None, None, None
         for chunk in stream:
             if chunk.usage is not None:
@@ -167,6 +186,10 @@ class HttpBackend:
         if u is None:
             raise RuntimeError("the server sent no usage in its stream (stream_options.include_usage)")
         return "".join(parts), finish, stop_reason, (tops if kw.get("logprobs") is not None else None), u
+
+    def models(self) -> list[str]:
+        """Ids of the models (base and adapters) the server serves."""
+        return [m.id for m in _call(self.client.models.list).data]
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

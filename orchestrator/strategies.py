@@ -80,11 +80,11 @@ def best_of_n_graph(n: int = 8, generator: str | None = None, verifier: str | No
 
 
 def _tool_steps(g: Graph, selector: str, first: str, after_step: str, max_step_tokens: int = 40,
-                temperature=0.0) -> None:
+                temperature=0.0, adapter=None) -> None:
     """select -> tool -> step, then `after_step`; entry at `first`."""
     g.add(first, Ask(selector, into="call"))
     g.add("tool", Tool(call="call"))
-    g.add("step", Generate(stop=STEP_STOP, max_tokens=max_step_tokens, temperature=temperature))
+    g.add("step", Generate(adapter=adapter, stop=STEP_STOP, max_tokens=max_step_tokens, temperature=temperature))
     g.add("space", Append(" "))
     g.chain(first, "tool", "step")
     g.edge("space", first)
@@ -98,6 +98,26 @@ def tool_graph(selector: str = "tool_selector") -> Graph:
     g.add("next", Call(_noop))
     g.edge("next", END, when=_stopped)
     g.edge("next", "space")
+    return g
+
+
+def chat_graph(adapter=None, tools: bool = True, verifier: str | None = "verifier",
+               selector: str = "tool_selector", max_tokens: int = 160) -> Graph:
+    """One chat turn: the answer step by step (by the base, or `adapter`: a name or a function of
+    the state), with the tool selector proposing calculator calls before each step when `tools`;
+    then the verifier's score of the answer when `verifier` is set."""
+    g = Graph(Solution, "chat")
+    if tools:
+        _tool_steps(g, selector, "select", "next", adapter=adapter)
+        g.add("next", Call(_noop))
+        g.edge("next", "verify" if verifier else END, when=_stopped)
+        g.edge("next", "space")
+    else:
+        g.add("answer", Generate(adapter=adapter, max_tokens=max_tokens))
+        if verifier:
+            g.edge("answer", "verify")
+    if verifier:
+        g.add("verify", Score(verifier))
     return g
 
 

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 
 from . import bank as bank_cmds
+from . import chat as chat_cmds
 from . import demo as demo_cmds
 from . import serve as serve_cmds
 from . import world as world_cmds
@@ -21,6 +22,7 @@ from ._args import add_function
 COMMANDS: dict[str, Callable] = {
     "demo": demo_cmds.demo,
     "serve": serve_cmds.serve,
+    "chat": chat_cmds.chat,
     "compress": bank_cmds.compress,
     "bank info": bank_cmds.bank_info,
     "bank export": bank_cmds.bank_export,
