@@ -76,3 +76,19 @@ def test_custom_graph_example():
     out = run_example("custom_graph.py")
     assert out.startswith("flowchart TD") and "n_retry -.->|rewind| n_draft" in out
     assert out.count("verifier ") >= 2 and "rewinds" in out
+
+
+def test_openai_server_example():
+    out = run_example("openai_server.py")
+
+    def said(label: str) -> str:
+        (line,) = [x for x in out.splitlines() if x.startswith(label)]
+        return line[len(label):].lstrip(" :").strip()
+
+    assert said("base alone") == said("streamed")  # streaming adds up to the same text
+    # the adapter picked by model name writes the task; `NAME` and `base:NAME` are the same model
+    assert said("shift-3 ") == said("base:shift-3") == "khoor" != said("base  ")
+    assert f"calculator(37*49) = {37 * 49}" in out
+    assert said("with the tool").split("(")[0].strip().endswith(f"Answer: {37 * 49 + 12}")
+    # the same graph gives the same picks in-process and over HTTP
+    assert said("best-of-4 in-process") == said("best-of-4 over HTTP")
