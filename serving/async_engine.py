@@ -61,15 +61,35 @@ class AsyncEngine:
             self._thread = None
 
     # ------------------------------------------------------------ coroutines
-    async def call(self, fn: Callable[..., Any], *args) -> Any:
-        """Run `fn(*args)` on the engine thread between steps; its exception is raised here."""
+    async def call(self, fn: Callable[..., Any], *args, undo: Callable[[Any], Any] | None = None) -> Any:
+        """Run `fn(*args)` on the engine thread between steps; its exception is raised here.
+
+        `fn` runs even if the caller is cancelled while it waits (a client went away); then
+        `undo(result)` runs on the engine thread after it, so that what `fn` made (the sequences
+        it opened or forked) does not leak."""
         if self._thread is None or not self._thread.is_alive():
             raise EngineDied("the engine thread is not running")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._commands.put((fn, args, loop, fut))
+        made = []
+
+        def run():
+            made.append(fn(*args))
+            return made[0]
+
+        def unmake():
+            if made:
+                undo(made[0])
+
+        self._commands.put((run, (), loop, fut))
         self._wake.set()
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if undo is not None:  # commands run in order: `unmake` runs after `run`
+                self._commands.put((unmake, (), None, None))
+                self._wake.set()
+            raise
 
     async def generate(self, seq: int, params: SamplingParams, adapter: str | None = None,
                        set_adapter: bool = True) -> AsyncIterator[Delta]:

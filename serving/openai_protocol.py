@@ -37,9 +37,12 @@ def validation_error(err: ValidationError) -> APIError:
     loc = ".".join(str(x) for x in e["loc"] if not (isinstance(x, str) and x in _UNION_TAGS))
     if e["type"] == "extra_forbidden":
         return APIError(400, f"unrecognized request argument supplied: {loc}", param=loc, code="unrecognized_argument")
+    msg = e["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across fields (a model validator): no one field to name
+        return APIError(400, f"invalid request: {msg}", code="invalid_value")
     got = e.get("input")
     got = repr(got)[:80] if not isinstance(got, dict) else "an object"
-    return APIError(400, f"invalid value for {loc!r}: {e['msg']} (got {got})", param=loc or None, code="invalid_value")
+    return APIError(400, f"invalid value for {loc!r}: {msg} (got {got})", param=loc, code="invalid_value")
 
 
 _UNION_TAGS = {"str", "list[str]", "list[int]", "list[list[int]]", "function-after[_check(), Message]", "int", "none"}
@@ -51,7 +54,6 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class _Sampling(_Request):
@@ -84,6 +86,12 @@ class _Sampling(_Request):
         if any(not s or len(s) > 256 for s in stops):
             raise ValueError("stop sequences must be 1 to 256 characters")
         return stops
+
+    @model_validator(mode="after")
+    def _stream_options(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod

@@ -28,6 +28,8 @@ Emit = Callable[[int, str, list[TokenLogprob] | None], Awaitable[None]]
 class Choice:
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: str | None = None
+    """the user's stop string that ended the choice (vLLM's `stop_reason`), else None"""
     tokens: int = 0
     """tokens this choice generated (its share of `completion_tokens`)"""
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -161,11 +163,15 @@ class Serving:
         """Run the request's n choices together; every sequence it opened is closed at the end."""
         seqs: list[int] = []
         try:
-            parent = await self.ae.call(self.engine.open, prep.ids, prep.adapter)
+            try:
+                parent = await self.ae.call(self.engine.open, prep.ids, prep.adapter, undo=self.ae.close_nowait)
+            except KeyError:  # the adapter was unloaded after the request was checked
+                raise APIError(404, f"The model `{prep.adapter}` does not exist.", param="model",
+                               code="model_not_found") from None
             seqs.append(parent)
             if prep.n > 1:
                 await self.ae.prefill(parent)  # the copies share the prompt's blocks
-                kids = await self.ae.call(self.engine.fork, parent, prep.n)
+                kids = await self.ae.call(self.engine.fork, parent, prep.n, undo=lambda k: self.ae.close_nowait(*k))
                 seqs.extend(kids)
                 self.ae.close_nowait(parent)
             else:
@@ -204,11 +210,9 @@ class Serving:
         if isinstance(fmt, MarkupTools):
             return await self._markup_choice(seq, params, prep, index, emit, ch)
         text, stop_reason, finish = await self._generate(seq, params, prep.adapter, index, emit, ch)
-        if isinstance(stop_reason, str) and prep.include_stop:
-            text += stop_reason
-            if emit is not None:
-                await emit(index, stop_reason, None)
+        text += await self._kept_stop(prep, stop_reason, index, emit)
         ch.text, ch.finish_reason = text, finish
+        ch.stop_reason = stop_reason if isinstance(stop_reason, str) else None
         if isinstance(fmt, HermesTools):
             content, calls = fmt.split(text)
             if calls:
@@ -235,38 +239,62 @@ class Serving:
             p = replace(params, max_tokens=left, stop=user_stops + [fmt.step_stop, fmt.open])
             text, stop_reason, finish = await self._generate(seq, p, prep.adapter, index, emit, ch)
             ch.text += text
+            if stop_reason in user_stops or stop_reason not in (fmt.step_stop, fmt.open):  # a user stop, EOS, length
+                ch.text += await self._kept_stop(prep, stop_reason, index, emit)
+                ch.finish_reason = finish
+                ch.stop_reason = stop_reason if isinstance(stop_reason, str) else None
+                return ch
             if stop_reason == fmt.step_stop:
                 ch.text += fmt.step_stop
                 if emit is not None:
                     await emit(index, fmt.step_stop, None)
                 boundary = True
                 continue
-            if stop_reason == fmt.open:  # the model writes the call itself
-                rest = replace(params, max_tokens=fmt.max_call_tokens, stop=[fmt.close], temperature=0.0, logprobs=None)
-                arg, _, _ = await self._generate(seq, rest, prep.adapter, index, None, Choice())
-                ch.tool_calls, ch.finish_reason = [fmt.parse(fmt.open + arg)], "tool_calls"
+            # the model writes the call itself
+            room = await self.ae.call(lambda: self.max_model_len - len(self.engine.tokens(seq)))
+            if room <= 0:
+                ch.finish_reason = "length"
                 return ch
-            ch.finish_reason = finish
+            rest = replace(params, max_tokens=fmt.max_call_tokens, stop=[fmt.close], temperature=0.0, logprobs=None)
+            arg, _, _ = await self._generate(seq, rest, prep.adapter, index, None, Choice())
+            ch.tool_calls, ch.finish_reason = [fmt.parse(fmt.open + arg)], "tool_calls"
             return ch
+
+    async def _kept_stop(self, prep: Prepared, stop_reason: str | int | None, index: int, emit: Emit | None) -> str:
+        """The stop string that ended a choice when the request keeps it in the text (vLLM's
+        `include_stop_str_in_output`), streamed like the rest; else ''."""
+        if not (prep.include_stop and isinstance(stop_reason, str)):
+            return ""
+        if emit is not None:
+            await emit(index, stop_reason, None)
+        return stop_reason
 
     async def _propose(self, seq: int, fmt: MarkupTools, forced: bool, ch: Choice) -> Call | None:
         """Ask the proposer (on a fork: the sequence is unchanged) whether to call the tool now.
-        Forced: the call is started for it (or, with no proposer, written on the sequence itself)."""
+        Forced: the call is started for it (or, with no proposer, written on the sequence itself).
+        None when the context has no room left for a call (the choice then ends with `length`)."""
         eng = self.engine
-        if fmt.proposer is None:  # forced, and the model writes calls itself: open the markup for it
-            await self.ae.call(eng.extend, seq, fmt.open)
-            rest = SamplingParams(max_tokens=fmt.max_call_tokens, temperature=0.0, stop=[fmt.close])
-            arg, _, _ = await self._generate(seq, rest, eng.adapter_of(seq), 0, None, Choice())
-            return fmt.parse(fmt.open + arg)
+        prefix = (fmt.invocation if fmt.proposer is not None else "") + (fmt.open if forced else "")
+        ids = list(self.tokenizer.encode(prefix, add_special_tokens=False))
 
-        def fork():
+        def start() -> int | None:  # on the engine thread: the sequence the call is written on
+            if self.max_model_len - len(eng.tokens(seq)) <= len(ids):
+                return None  # the engine refuses to generate on a full context
+            if fmt.proposer is None:
+                eng.extend(seq, ids)
+                return seq
             (f,) = eng.fork(seq, 1)
-            eng.extend(f, fmt.invocation + (fmt.open if forced else ""))
+            eng.extend(f, ids)
             return f
 
-        f = await self.ae.call(fork)
+        f = await self.ae.call(start, undo=lambda f: f not in (None, seq) and self.ae.close_nowait(f))  # a fork
+        if f is None:
+            return None
+        p = SamplingParams(max_tokens=fmt.max_call_tokens, temperature=0.0, stop=[fmt.close])
+        if fmt.proposer is None:  # forced, and the model writes calls itself
+            arg, _, _ = await self._generate(seq, p, eng.adapter_of(seq), 0, None, Choice())
+            return fmt.parse(fmt.open + arg)
         try:
-            p = SamplingParams(max_tokens=fmt.max_call_tokens, temperature=0.0, stop=[fmt.close])
             scratch = Choice()
             text, _, _ = await self._generate(f, p, fmt.proposer, 0, None, scratch)
         finally:

@@ -16,6 +16,7 @@ disconnects (mid-stream or while waiting) has its sequences closed, which frees 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -90,10 +91,20 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
     async def _bad_method(request, exc):
         return error(APIError(405, f"method {request.method} not allowed on {request.url.path}", code="method_not_allowed"))
 
-    @app.exception_handler(Exception)
-    async def _internal(request, exc):
-        log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error(APIError(500, f"internal error: {exc!r}", type="server_error", code="internal_error"))
+    def guard(route):
+        """Answer a bug in a route with a 500 body. (Starlette's catch-all handler re-raises after
+        answering, and uvicorn then drops the keep-alive connection another request may be using.)"""
+        @functools.wraps(route)
+        async def guarded(*args, **kw):
+            try:
+                return await route(*args, **kw)
+            except APIError:
+                raise
+            except Exception as exc:
+                log.exception("internal error in %s", route.__name__, exc_info=exc)
+                raise APIError(500, f"internal error: {exc!r}", type="server_error", code="internal_error") from None
+
+        return guarded
 
     async def body(request: Request, model):
         size = request.headers.get("content-length")
@@ -141,10 +152,12 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
 
     # ------------------------------------------------------------------ routes
     @app.get("/health")
+    @guard
     async def health():
         return {"status": "ok"}
 
     @app.get("/v1/models")
+    @guard
     async def models():
         now = created()
         data = [{"id": model_name, "object": "model", "created": now, "owned_by": "kilolora", "root": model_name,
@@ -155,6 +168,7 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
         return {"object": "list", "data": data}
 
     @app.get("/metrics")
+    @guard
     async def metrics():
         st = await ae.stats()
         lines = [f"kilolora_kv_blocks_total {st['blocks_total']}", f"kilolora_kv_blocks_used {st['blocks_used']}",
@@ -166,6 +180,7 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
         return PlainTextResponse("\n".join(lines) + "\n")
 
     @app.post("/v1/completions")
+    @guard
     async def completions(request: Request):
         req = await body(request, CompletionRequest)
         preps = serving.prepare_completion(req)
@@ -174,7 +189,7 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
         n_prompt = sum(len(p.ids) for p in preps)
 
         def choice_body(i: int, c: Choice) -> dict:
-            return {"index": i, "text": c.text, "finish_reason": c.finish_reason, "stop_reason": None,
+            return {"index": i, "text": c.text, "finish_reason": c.finish_reason, "stop_reason": c.stop_reason,
                     "logprobs": completion_logprobs(serving.tokenizer, c.logprobs) if req.logprobs is not None else None}
 
         async def work(emit=None):
@@ -187,14 +202,19 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
                     "choices": [choice_body(i, c) for i, c in enumerate(choices)],
                     "usage": usage(n_prompt, choices, sum(c.counters.cached for c in choices))}
 
-        def chunk(i, text, lps, finish=None):
+        offsets = [0] * (len(preps) * req.n)  # text_offset counts from the start of a choice, not of a chunk
+
+        def chunk(i, text, lps, finish=None, stop_reason=None):
+            lp = None
+            if req.logprobs is not None and (lps or finish is None):
+                lp = completion_logprobs(serving.tokenizer, lps or [], offsets[i])
+                offsets[i] += sum(len(x) for x in lp["tokens"])
             return {"id": rid, "object": "text_completion", "created": t, "model": model,
-                    "choices": [{"index": i, "text": text, "finish_reason": finish,
-                                 "logprobs": completion_logprobs(serving.tokenizer, lps or [])
-                                 if req.logprobs is not None else None}]}
+                    "choices": [{"index": i, "text": text, "finish_reason": finish, "logprobs": lp,
+                                 "stop_reason": stop_reason}]}
 
         def final(choices):
-            out = [chunk(i, "", None, c.finish_reason) for i, c in enumerate(choices)]
+            out = [chunk(i, "", None, c.finish_reason, c.stop_reason) for i, c in enumerate(choices)]
             if req.stream_options is not None and req.stream_options.include_usage:
                 out.append({"id": rid, "object": "text_completion", "created": t, "model": model, "choices": [],
                             "usage": usage(n_prompt, choices, sum(c.counters.cached for c in choices))})
@@ -203,6 +223,7 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
         return StreamingResponse(sse(work, chunk, final), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
+    @guard
     async def chat(request: Request):
         req = await body(request, ChatRequest)
         prep = serving.prepare_chat(req)
@@ -222,6 +243,7 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
             choices = await tracked(cancellable(request, work()))
             return {"id": rid, "object": "chat.completion", "created": t, "model": model,
                     "choices": [{"index": i, "message": message(c), "finish_reason": c.finish_reason,
+                                 "stop_reason": c.stop_reason,
                                  "logprobs": chat_logprobs(serving.tokenizer, c.logprobs) if req.logprobs else None}
                                 for i, c in enumerate(choices)],
                     "usage": usage(len(prep.ids), choices, sum(c.counters.cached for c in choices))}
@@ -302,6 +324,7 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
 
     # -------------------------------------------------------------- adapters
     @app.post("/v1/load_lora_adapter")
+    @guard
     async def load_lora(request: Request):
         req = await body(request, LoadLoraRequest)
         path = Path(req.lora_path)
@@ -312,17 +335,19 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
             raise APIError(400, f"lora_path {req.lora_path!r} is not a directory", param="lora_path")
         if req.lora_name in engine.registry or req.lora_name == model_name:
             raise APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.", param="lora_name")
+        if (path / "bank.json").is_file():
+            raise APIError(400, f"{req.lora_path!r} is a compressed bank: banks are served from the start "
+                                f"(`kilolora serve --bank DIR`); this endpoint loads PEFT adapter directories",
+                           param="lora_path")
         try:
-            if (path / "bank.json").is_file():
-                await ae.call(engine.load_bank, path, req.lora_name + "/")
-            else:
-                await ae.call(engine.load_adapter, req.lora_name, path)
+            await ae.call(engine.load_adapter, req.lora_name, path)
         except (ValueError, FileNotFoundError, KeyError, OSError) as err:
             raise APIError(400, f"cannot load {req.lora_path!r}: {err}", param="lora_path") from None
         roots[req.lora_name] = str(path)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
+    @guard
     async def unload_lora(request: Request):
         req = await body(request, UnloadLoraRequest)
         if req.lora_name not in engine.registry:
@@ -337,6 +362,7 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
 
     # -------------------------------------------------------------- tokenizer
     @app.post("/tokenize")
+    @guard
     async def tokenize(request: Request):
         req = await body(request, TokenizeRequest)
         tok = serving.tokenizer
@@ -353,6 +379,7 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
         return {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids, "prompt": text}
 
     @app.post("/detokenize")
+    @guard
     async def detokenize(request: Request):
         req = await body(request, DetokenizeRequest)
         vocab = engine.config.vocab_size

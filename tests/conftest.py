@@ -46,9 +46,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def world_server():
+def world_server(tmp_path_factory):
     """`kilolora serve` on the embedded world, a real subprocess on a free local port; yields its
-    base URL (`http://127.0.0.1:PORT`, the OpenAI API under `/v1`). Stopped at the session's end."""
+    base URL (`http://127.0.0.1:PORT`, the OpenAI API under `/v1`). At the session's end it is
+    stopped, and its log must hold no traceback: a 500 anywhere in the suite fails it."""
     import subprocess
     import sys
     import time
@@ -57,26 +58,32 @@ def world_server():
 
     port = _free_port()
     exe = Path(sys.executable).with_name("kilolora")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(exe), "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    log = tmp_path_factory.mktemp("world_server") / "serve.log"  # a file: a full pipe would block the server
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(exe), "serve", "--port", str(port)], env=env, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"kilolora serve exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("kilolora serve did not come up in 120 s") from None
-            time.sleep(0.2)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"kilolora serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kilolora serve did not answer /health in 120 s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, -15), f"kilolora serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+    assert "Traceback" not in log.read_text(), log.read_text()[-5000:]

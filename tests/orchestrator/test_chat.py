@@ -37,7 +37,7 @@ def test_chat_in_a_terminal_calls_the_tool_answers_right_shows_the_trace_and_exi
     child.expect(r"base\s+")  # the step after the insertion, written by the base
     child.expect(r"verifier\s+score (\d\.\d\d)")
     assert float(child.match.group(1)) >= 0.5
-    child.expect(rf"answer\s+(\d+)")
+    child.expect(r"answer\s+(\d+)")
     assert int(child.match.group(1)) == a * b + c
     child.expect(PROMPT)
     child.sendline("/trace")
