@@ -162,3 +162,20 @@ def test_bank_errors(tmp_path):
     assert proc.returncode == 1 and "already has an adapter named 'adapter_0001'" in proc.stderr
     shutil.rmtree(tmp_path / "in")
     assert len(Bank.load(tmp_path / "bank").entries) == 3  # failed commands changed nothing
+
+
+def test_serve_and_chat_explain_themselves_and_refuse_bad_flags(tmp_path):
+    out = kilolora("serve", "--help").stdout
+    for flag in ("MODEL_DIR", "--bank", "--adapter", "--host", "--port", "--tool-format"):
+        assert flag in out
+    out = kilolora("chat", "--help").stdout
+    for flag in ("--url", "--adapter", "--turns", "--no-tools", "/trace"):
+        assert flag in out
+    for args, msg in [(["serve", "--port", "0"], "--port must be in 1..65535"),
+                      (["serve", "--adapter", "novalue"], "--adapter takes NAME=DIR"),
+                      (["serve", "--adapter", f"x={tmp_path / 'missing'}"], "is not a local directory"),
+                      (["serve", str(tmp_path / "no_model")], "is not a local directory"),
+                      (["serve", "--tool-format", "pythonic"], "invalid choice"),
+                      (["chat", "--turns", "-1"], "--turns must be >= 0")]:
+        p = kilolora(*args, check=False)
+        assert p.returncode != 0 and msg in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
