@@ -188,7 +188,7 @@ class Serving:
     async def _generate(self, seq: int, params: SamplingParams, adapter: str | None, index: int,
                         emit: Emit | None, into: Choice) -> tuple[str, str | int | None, str]:
         """One engine job; its text and logprobs are added to `into`. Returns (text, stop_reason, finish)."""
-        async for d in self.ae.generate(seq, params, adapter):
+        async for d in self.ae.generate(seq, params, adapter, every=emit is not None):
             if emit is not None and (d.text or d.logprobs):
                 await emit(index, d.text, d.logprobs)
             if d.finished is None:
