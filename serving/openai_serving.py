@@ -124,7 +124,10 @@ class Serving:
                                 include_stop=req.include_stop_str_in_output))
         return out
 
-    def render_chat(self, req: ChatRequest) -> tuple[str, ToolFormat | None, bool]:
+    def render_chat(self, req: ChatRequest, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> tuple[str, ToolFormat | None, bool]:
+        """The prompt text of a chat (tool calls and results in the model's tool format), the
+        tool format the request may use, and whether the prompt continues an assistant turn."""
         fmt = self.tool_format
         use_tools = False
         if req.tools and fmt is None and req.choice != "none":
@@ -144,14 +147,28 @@ class Serving:
         if isinstance(fmt, HermesTools) and use_tools:
             kw["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=not continues,
-                                                      continue_final_message=continues, **kw)
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt and not continues,
+                continue_final_message=continue_final_message or continues, **kw)
         except Exception as err:  # a template that cannot render this conversation (jinja raises anything)
             raise APIError(400, f"the chat template cannot render these messages: {err}", param="messages") from None
         return text, fmt if use_tools else None, continues
 
+    def check_contents(self, req: ChatRequest) -> None:
+        """Refuse message text holding the tokenizer's special tokens (`<|end|>`, role markers):
+        tokenized with the rendered prompt they would act as markup, e.g. end a user turn and
+        open a forged assistant one."""
+        specials = [t for t in getattr(self.tokenizer, "all_special_tokens", []) if len(t) > 1]
+        for i, m in enumerate(req.messages):
+            text = m.text + "".join(c.function.arguments for c in m.tool_calls or [])
+            hit = next((t for t in specials if t in text), None)
+            if hit is not None:
+                raise APIError(400, f"messages[{i}] contains the special token {hit!r}, which only the chat "
+                                    f"template may write", param=f"messages.{i}.content")
+
     def prepare_chat(self, req: ChatRequest) -> Prepared:
         adapter = self.adapter_for(req.model)
+        self.check_contents(req)
         text, fmt, continues = self.render_chat(req)
         ids = self._encode(text, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -255,8 +272,12 @@ class Serving:
             if room <= 0:
                 ch.finish_reason = "length"
                 return ch
-            rest = replace(params, max_tokens=fmt.max_call_tokens, stop=[fmt.close], temperature=0.0, logprobs=None)
-            arg, _, _ = await self._generate(seq, rest, prep.adapter, index, None, Choice())
+            rest = replace(params, max_tokens=min(fmt.max_call_tokens, room), stop=[fmt.close], temperature=0.0,
+                           logprobs=None)
+            arg, _, finish = await self._generate(seq, rest, prep.adapter, index, None, ch)
+            if finish != "stop":  # cut off before the call was complete: no call to make
+                ch.finish_reason = "length"
+                return ch
             ch.tool_calls, ch.finish_reason = [fmt.parse(fmt.open + arg)], "tool_calls"
             return ch
 
@@ -272,7 +293,8 @@ class Serving:
     async def _propose(self, seq: int, fmt: MarkupTools, forced: bool, ch: Choice) -> Call | None:
         """Ask the proposer (on a fork: the sequence is unchanged) whether to call the tool now.
         Forced: the call is started for it (or, with no proposer, written on the sequence itself).
-        None when the context has no room left for a call (the choice then ends with `length`)."""
+        None when it proposes none, when its call would be cut off unfinished, or when the context
+        has no room left for a call."""
         eng = self.engine
         prefix = (fmt.invocation if fmt.proposer is not None else "") + (fmt.open if forced else "")
         ids = list(self.tokenizer.encode(prefix, add_special_tokens=False))
@@ -292,16 +314,17 @@ class Serving:
             return None
         p = SamplingParams(max_tokens=fmt.max_call_tokens, temperature=0.0, stop=[fmt.close])
         if fmt.proposer is None:  # forced, and the model writes calls itself
-            arg, _, _ = await self._generate(seq, p, eng.adapter_of(seq), 0, None, Choice())
-            return fmt.parse(fmt.open + arg)
+            arg, _, finish = await self._generate(seq, p, eng.adapter_of(seq), 0, None, ch)
+            return fmt.parse(fmt.open + arg) if finish == "stop" else None
         try:
             scratch = Choice()
-            text, _, _ = await self._generate(f, p, fmt.proposer, 0, None, scratch)
+            text, _, finish = await self._generate(f, p, fmt.proposer, 0, None, scratch)
         finally:
             self.ae.close_nowait(f)
         call = fmt.parse((fmt.open if forced else "") + text)
-        if call is not None:
-            ch.tokens += scratch.tokens
+        if call is None or finish != "stop":  # no call, or one cut off unfinished (at the close marker or
+            return None                        # the end of sequence, the proposer has finished its call)
+        ch.tokens += scratch.tokens
         return call
 
 

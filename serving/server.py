@@ -366,13 +366,10 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
     async def tokenize(request: Request):
         req = await body(request, TokenizeRequest)
         tok = serving.tokenizer
-        if req.messages is not None:
-            from .openai_protocol import ChatRequest as _C
-
-            chat = _C(model=model_name, messages=req.messages)
-            text = tok.apply_chat_template([{"role": m.role, "content": m.text} for m in chat.messages],
-                                           tokenize=False, add_generation_prompt=req.add_generation_prompt,
-                                           continue_final_message=req.continue_final_message)
+        if req.messages is not None:  # rendered as the chat endpoint renders them, tool calls included
+            chat = ChatRequest(model=model_name, messages=req.messages)
+            serving.check_contents(chat)
+            text, _, _ = serving.render_chat(chat, req.add_generation_prompt, req.continue_final_message)
         else:
             text = req.prompt
         ids = tok.encode(text, add_special_tokens=req.add_special_tokens)
