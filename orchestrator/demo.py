@@ -74,7 +74,7 @@ def run_strategy(ex: Executor, graph: Graph, probs: list[Problem], seed: int) ->
 
 
 def run_demo(world=None, n_problems: int = 200, n: int = 8, seed: int = 0, names=DEFAULT,
-             progress: Callable[[str], None] | None = None) -> dict:
+             progress: Callable[[str], None] | None = None, url: str | None = None) -> dict:
     """The demo's report (JSON-able); see the module docstring."""
     unknown = [s for s in names if s not in STRATEGIES]
     if unknown:
@@ -87,9 +87,14 @@ def run_demo(world=None, n_problems: int = 200, n: int = 8, seed: int = 0, names
     say("loading the world")
     # about 512 live branches at once (64 problems at n = 8): enough to fill the engine's batches,
     # few enough that their KV caches fit
-    ex = Executor.for_world(world, max_runs=max(1, 512 // max(n, 8)))
+    backend = None
+    if url is not None:  # the same graphs against a server (`kilolora serve` on the same world)
+        from .http_backend import HttpBackend
+
+        backend = HttpBackend(url)
+    ex = Executor.for_world(world, backend, max_runs=max(1, 512 // max(n, 8)))
     probs = problems(n_problems, seed + 101, "test")  # the held-out split `kilolora world eval` uses
-    report: dict = {"problems": n_problems, "n": n, "seed": seed, "strategies": {}}
+    report: dict = {"problems": n_problems, "n": n, "seed": seed, "backend": url or "in-process", "strategies": {}}
     example = None
     for name in names:
         say(f"{name}: {STRATEGIES[name].description}")

@@ -17,6 +17,7 @@ from . import chat as chat_cmds
 from . import demo as demo_cmds
 from . import serve as serve_cmds
 from . import world as world_cmds
+from ..http_backend import ServerError
 from ._args import add_function
 
 COMMANDS: dict[str, Callable] = {
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                   if p.kind is inspect.Parameter.POSITIONAL_ONLY]
     try:
         fn(*positional, **args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, ServerError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"kilolora: error: {msg}", file=sys.stderr)
         return 1

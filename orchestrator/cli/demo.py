@@ -13,7 +13,7 @@ err_console = Console(stderr=True)
 
 
 def demo(*, problems: int = 200, n: int = 8, seed: int = 0, strategies: str = "", world: str | None = None,
-         json: bool = False, trace_out: str | None = None) -> None:
+         url: str | None = None, json: bool = False, trace_out: str | None = None) -> None:
     """Run test-time strategies on held-out problems of the embedded world and compare them.
 
     Greedy decoding of the base model, majority vote and verifier-guided best-of-n over n
@@ -33,6 +33,8 @@ def demo(*, problems: int = 200, n: int = 8, seed: int = 0, strategies: str = ""
       strategies: comma-separated subset of greedy, majority, best_of_n, weighted, backtrack,
         beam, tools, agent (default: all)
       world: a world directory (default: the embedded one)
+      url: run the graphs against this OpenAI-compatible server (`kilolora serve` on the same world,
+        e.g. http://127.0.0.1:8000/v1) instead of in-process
       json: print the report as JSON on stdout (the table goes nowhere)
       trace_out: also write the example's trace (JSON) to this file
     """
@@ -46,7 +48,7 @@ def demo(*, problems: int = 200, n: int = 8, seed: int = 0, strategies: str = ""
         raise ValueError(f"--strategies: unknown {unknown}; choose from {', '.join(STRATEGIES)}")
     w = World.load(world)
     with err_console.status("starting") as status:
-        report = run_demo(w, problems, n, seed, names, progress=lambda m: status.update(m))
+        report = run_demo(w, problems, n, seed, names, progress=lambda m: status.update(m), url=url)
     if trace_out and "example" in report:
         from pathlib import Path
 
@@ -59,7 +61,8 @@ def demo(*, problems: int = 200, n: int = 8, seed: int = 0, strategies: str = ""
 
 def _print(report: dict, console: Console) -> None:
     rows = report["strategies"]
-    t = Table(title=f"{report['problems']} held-out problems, n = {report['n']} (embedded world, 2-core CPU)")
+    where = "in-process" if report["backend"] == "in-process" else f"over HTTP: {report['backend']}"
+    t = Table(title=f"{report['problems']} held-out problems, n = {report['n']} (embedded world, {where})")
     for col, just in (("strategy", "left"), ("accuracy", "right"), ("vs greedy", "right"),
                       ("tokens computed", "right"), ("reused from cache", "right"), ("wall s", "right")):
         t.add_column(col, justify=just)

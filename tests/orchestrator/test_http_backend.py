@@ -81,3 +81,29 @@ def test_server_errors_are_one_line(http, world_server):
         nowhere.generate([GenRequest(nowhere.open("x"))])
     with pytest.raises(ValueError, match="must be an http"):
         HttpBackend("localhost:8000")
+
+
+def test_the_demo_over_http_gets_the_in_process_results(world_server):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).with_name("kilolora"))
+    args = ["demo", "--problems", "6", "--n", "4", "--strategies", "greedy,best_of_n,tools", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reports = []
+    for extra in ([], ["--url", world_server + "/v1"]):
+        p = subprocess.run([exe, *args, *extra], capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 0, p.stderr
+        reports.append(json.loads(p.stdout))
+    local, remote = reports
+    assert local["backend"] == "in-process" and remote["backend"] == world_server + "/v1"
+    for name in ("greedy", "best_of_n", "tools"):
+        assert remote["strategies"][name]["correct"] == local["strategies"][name]["correct"], name
+        assert remote["strategies"][name]["decoded"] == local["strategies"][name]["decoded"], name
+    assert remote["example"]["text"] == local["example"]["text"]
+    p = subprocess.run([exe, "demo", "--url", "http://127.0.0.1:9/v1", "--problems", "1"], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert p.returncode == 1 and "cannot reach the server" in p.stderr and "Traceback" not in p.stderr
