@@ -3,7 +3,6 @@ the in-flight limit get 503 and the running ones are not disturbed; bodies past 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -12,15 +11,14 @@ import pytest
 
 from serving.server import ServerLimits, create_app
 from skills.world import World
+from tests.helpers import free_port
 
 
 @pytest.fixture(scope="module")
 def url():
     import uvicorn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = create_app(World.load().engine(kv_cache_tokens=4096), limits=ServerLimits(max_running=1, max_body_bytes=2048))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
