@@ -162,7 +162,7 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
         now = created()
         data = [{"id": model_name, "object": "model", "created": now, "owned_by": "kilolora", "root": model_name,
                  "parent": None, "max_model_len": serving.max_model_len}]
-        for name in engine.adapters:
+        for name in await ae.call(lambda: list(engine.adapters)):  # the registry changes on the engine thread
             data.append({"id": name, "object": "model", "created": now, "owned_by": "kilolora",
                          "root": roots.get(name, name), "parent": model_name})
         return {"object": "list", "data": data}
