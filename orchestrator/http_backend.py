@@ -48,8 +48,7 @@ def _call(fn, *args, **kw):
     try:
         return fn(*args, **kw)
     except openai.APIStatusError as err:
-        body = err.body if isinstance(err.body, dict) else {}
-        msg = (body.get("error") or body).get("message") if isinstance(body.get("error") or body, dict) else None
+        msg = err.body.get("message") if isinstance(err.body, dict) else None  # the client unwraps `error`
         raise ServerError(f"the server answered {err.status_code}: {msg or err.message}") from None
     except openai.APIConnectionError as err:
         raise ServerError(f"cannot reach the server at {err.request.url if err.request else '?'}: {err}") from None
