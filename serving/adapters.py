@@ -4,6 +4,10 @@ Every adapter gets a uid that is never reused (the KV cache keys blocks by uid, 
 can never hit a stale block). Dense adapters live as zero-padded stacks per slot
 (`lora_A` (cap, r, d_in), `lora_B` (cap, d_out, r), scaling folded in); bank entries point at a
 cluster's shared basis and their own core (`U_k Σ_i V_kᵀ`, Brüel-Gabrielsson et al., ICML 2025).
+
+A padded stack costs `cap · r` rows however small most adapters are, so one high-rank adapter
+would multiply the memory of every slot: `max_lora_rank` refuses it up front (vLLM's name), and
+unloading shrinks the stacks back to what the resident adapters need (see `AdapterRegistry`).
 `LoraBatch` is built once per forward from the tokens' uids and is the model's `LoraHook`.
 """
 
@@ -25,6 +29,10 @@ from .model import FUSED_GROUPS
 
 BASE = -1
 """uid of the base model (no adapter)"""
+
+DEFAULT_MAX_LORA_RANK = 64
+"""The server's default `--max-lora-rank`. vLLM defaults to 16; 64 admits the ranks common in
+published adapters (QLoRA trains r=64) while bounding a dense row at 64·(d_in + d_out) per slot."""
 
 _GROUP_WEIGHTS = {"qkv": ("wqkv", "bqkv"), "o": ("wo", "bo"), "gate_up": ("w_gate_up", "b_gate_up"),
                   "down": ("w_down", "b_down")}
@@ -64,13 +72,33 @@ def parse_slot(slot: str) -> tuple[int, str]:
     return int(m.group(1)), m.group(2)
 
 
-class AdapterRegistry:
-    """Name -> adapter; owns the stacked dense factors and the bank tensors on the model's device."""
+def _capacity(n: int) -> int:
+    """Rows the dense stacks hold for n adapters: a power of two >= 4 (0 for none), so adding is
+    amortised O(1) rows copied, and the size depends on the resident adapters alone."""
+    return 0 if n == 0 else max(4, 1 << (n - 1).bit_length())
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, model=None):
+
+class AdapterRegistry:
+    """Name -> adapter; owns the stacked dense factors and the bank tensors on the model's device.
+
+    Dense invariant: the n dense adapters hold rows 0..n-1; the stack of a slot is as wide as the
+    largest rank a resident adapter has there (dropped when none uses it), its capacity is
+    `_capacity(n)`, and everything outside an adapter's own factors is zero. Unloading moves the
+    last row into the hole (its `AdapterInfo.index` changes; `batch()` reads indices when it builds
+    a `LoraBatch`, and the cached one is dropped) and shrinks the stacks, so memory follows the
+    resident set, not the largest adapter ever seen.
+    """
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, model=None,
+                 max_lora_rank: int | None = None):
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
         self.model = model
         """the Transformer, if its weights may be extended with folded shrink columns"""
+        if max_lora_rank is not None and (isinstance(max_lora_rank, bool) or not isinstance(max_lora_rank, int)
+                                          or max_lora_rank < 1):
+            raise ValueError(f"max_lora_rank must be a positive int or None, got {max_lora_rank!r}")
+        self.max_lora_rank = max_lora_rank
+        """largest dense adapter rank `add_adapter` accepts (None: any)"""
         self.fold = self.device.type == "cpu"
         """fold a one-cluster bank's basis into the base GEMM (CPU; CUDA runs the fused kernel)"""
         # K=1 bank on CPU: V is folded into the base weight; (layer, group) -> (Uᵀ (R, d_out), R, j):
@@ -78,15 +106,17 @@ class AdapterRegistry:
         # last row is zero (base tokens). One gather per R per forward serves every layer.
         self._folded: dict[tuple[int, str], tuple[torch.Tensor, int, int]] = {}
         self._folded_cores: dict[int, torch.Tensor] = {}
+        self._folded_bytes = 0
+        """bytes of the shrink rows appended to the base weights"""
         self._batch_cache: tuple[tuple[int, ...], LoraBatch] | None = None
         self._by_name: dict[str, AdapterInfo] = {}
         self._by_uid: dict[int, AdapterInfo] = {}
         self._next_uid = 0
-        # dense: (layer, module) -> [lora_A (cap, r, d_in), lora_B (cap, d_out, r)]
+        # dense: (layer, module) -> [lora_A (cap, r, d_in), lora_B (cap, d_out, r)], r per slot
         self._dense: dict[tuple[int, str], list[torch.Tensor]] = {}
-        self._dense_cap, self._dense_r = 0, 0
-        self._dense_free: list[int] = []
-        self._dense_rows = 0
+        self._dense_cap = 0
+        self._dense_ranks: dict[int, dict[tuple[int, str], int]] = {}
+        """uid -> the rank it has at each slot it adapts"""
         # bank: (layer, group) -> (U (K, d_out, g*r), V (K, d_in, g*r), S (n, g*r, g*r) or (n, g*r))
         self._bank: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.bank: Bank | None = None
@@ -112,12 +142,15 @@ class AdapterRegistry:
     def by_uid(self, uid: int) -> AdapterInfo:
         return self._by_uid[uid]
 
-    def _new(self, name: str, **kw) -> AdapterInfo:
-        self._batch_cache = None
+    def _check_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or name == "base" or ":" in name:
             raise ValueError(f"adapter name must be a non-empty string other than 'base' without ':', got {name!r}")
         if name in self._by_name:
             raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+
+    def _new(self, name: str, **kw) -> AdapterInfo:
+        self._batch_cache = None
+        self._check_name(name)
         info = AdapterInfo(name=name, uid=self._next_uid, **kw)
         self._next_uid += 1
         self._by_name[name], self._by_uid[info.uid] = info, info
@@ -136,56 +169,79 @@ class AdapterRegistry:
     # ------------------------------------------------------------------- dense
     def load_adapter(self, name: str, path: str | os.PathLike) -> AdapterInfo:
         """Load a PEFT directory (safetensors only) as a dense adapter."""
+        self._check_name(name)
         return self.add_adapter(name, load_adapter(Path(path), name=name))
 
     def add_adapter(self, name: str, adapter: LoraAdapter) -> AdapterInfo:
+        """Add a dense adapter as the next row of the stacks. Everything is checked before any tensor
+        changes, so a refused adapter leaves the registry as it was."""
+        self._check_name(name)
         slots = {}
         for slot, a in adapter.lora_A.items():
             b = adapter.lora_B[slot]
             slots[self._check_slot(f"adapter {name!r}", slot, a.shape[1], b.shape[0])] = (a, b)
-        r = max(a.shape[0] for a, _ in slots.values())
-        row = self._dense_free.pop() if self._dense_free else self._grow_dense(r)
-        if r > self._dense_r:
-            self._pad_dense_rank(r)
-        for key, stacks in self._dense.items():  # clear the row: a reused row must not keep old factors
-            stacks[0][row].zero_()
-            stacks[1][row].zero_()
-        for (layer, module), (a, b) in slots.items():
-            stacks = self._dense_stacks(layer, module)
+        ranks = {key: a.shape[0] for key, (a, _) in slots.items()}
+        r = max(ranks.values())
+        if self.max_lora_rank is not None and r > self.max_lora_rank:
+            raise ValueError(f"adapter {name!r} has rank {r}, over the server's max_lora_rank {self.max_lora_rank} "
+                             f"(start it with --max-lora-rank {r} or more)")
+        row = len(self._dense_ranks)
+        cap = _capacity(row + 1)
+        if cap != self._dense_cap:
+            for key, (a, _) in self._dense.items():
+                self._resize(key, cap, a.shape[1])
+            self._dense_cap = cap
+        for key, (a, b) in slots.items():
+            if key not in self._dense:
+                self._dense[key] = self._zeros(key, cap, ranks[key])
+            elif ranks[key] > self._dense[key][0].shape[1]:
+                self._resize(key, cap, ranks[key])
+            stacks = self._dense[key]
             stacks[0][row, : a.shape[0]] = a.to(self.device, self.dtype)
             stacks[1][row, :, : b.shape[1]] = b.to(self.device, self.dtype)
-        return self._new(name, kind="dense", index=row, r=r, config=adapter.config,
+        info = self._new(name, kind="dense", index=row, r=r, config=adapter.config,
                          alora_invocation_tokens=adapter.alora_invocation_tokens)
+        self._dense_ranks[info.uid] = ranks
+        return info
 
-    def _grow_dense(self, r: int) -> int:
-        row = self._dense_rows
-        self._dense_rows += 1
-        if row >= self._dense_cap:
-            cap = max(4, 2 * self._dense_cap)
-            for stacks in self._dense.values():
-                for j in (0, 1):
-                    t = stacks[j]
-                    grown = t.new_zeros((cap,) + tuple(t.shape[1:]))
-                    grown[: t.shape[0]] = t
-                    stacks[j] = grown
-            self._dense_cap = cap
-        return row
+    def _zeros(self, key: tuple[int, str], cap: int, r: int) -> list[torch.Tensor]:
+        d_in, d_out = self.config.module_shape(key[1])
+        kw = dict(dtype=self.dtype, device=self.device)
+        return [torch.zeros(cap, r, d_in, **kw), torch.zeros(cap, d_out, r, **kw)]  # (cap, r, d_in), (cap, d_out, r)
 
-    def _pad_dense_rank(self, r: int) -> None:
-        for stacks in self._dense.values():
-            a, b = stacks
-            stacks[0] = torch.cat([a, a.new_zeros(a.shape[0], r - a.shape[1], a.shape[2])], 1).contiguous()
-            stacks[1] = torch.cat([b, b.new_zeros(b.shape[0], b.shape[1], r - b.shape[2])], 2).contiguous()
-        self._dense_r = r
+    def _resize(self, key: tuple[int, str], cap: int, r: int) -> None:
+        """Reallocate one slot's stacks as (cap, r), keeping the rows and ranks both shapes share."""
+        a, b = self._dense[key]
+        new = self._zeros(key, cap, r)
+        n, k = min(cap, a.shape[0]), min(r, a.shape[1])
+        new[0][:n, :k] = a[:n, :k]
+        new[1][:n, :, :k] = b[:n, :, :k]
+        self._dense[key] = new
 
-    def _dense_stacks(self, layer: int, module: str) -> list[torch.Tensor]:
-        key = (layer, module)
-        if key not in self._dense:
-            d_in, d_out = self.config.module_shape(module)
-            kw = dict(dtype=self.dtype, device=self.device)
-            self._dense[key] = [torch.zeros(self._dense_cap, self._dense_r, d_in, **kw),
-                                torch.zeros(self._dense_cap, d_out, self._dense_r, **kw)]
-        return self._dense[key]
+    def _remove_dense(self, info: AdapterInfo) -> None:
+        """Free `info`'s row: the last row moves into it, then every stack shrinks to what is left."""
+        gone = self._dense_ranks.pop(info.uid)
+        last = len(self._dense_ranks)
+        if info.index != last:
+            moved = next(i for i in self._by_uid.values() if i.kind == "dense" and i.index == last)
+            moved.index = info.index
+        for a, b in self._dense.values():
+            a[info.index] = a[last]  # also clears the hole in slots the moved adapter does not use
+            b[info.index] = b[last]
+            a[last].zero_()
+            b[last].zero_()
+        cap = _capacity(last)
+        for key in list(self._dense):
+            r = self._dense[key][0].shape[1]
+            if gone.get(key) == r or not self._dense_ranks:  # only the leaver's widest slots can narrow
+                r = max((ranks.get(key, 0) for ranks in self._dense_ranks.values()), default=0)
+            if r == 0:
+                del self._dense[key]
+            elif (cap, r) != self._dense[key][0].shape[:2]:
+                self._resize(key, cap, r)
+        self._dense_cap = cap
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # hand the freed stacks back to the driver, not just the cache
 
     # -------------------------------------------------------------------- bank
     def load_bank(self, bank: Bank | str | os.PathLike, prefix: str = "") -> list[AdapterInfo]:
@@ -200,6 +256,8 @@ class AdapterRegistry:
             bank = Bank.load(bank)
         if self.bank is not None:
             raise ValueError("a bank is already loaded; an engine serves one bank (grow it with Bank.add)")
+        for e in bank.entries:  # before any tensor is built: a refused bank changes nothing
+            self._check_name(prefix + e.name)
         per_module = {}
         for info in bank.slots:
             per_module[self._check_slot("bank", info.name, info.in_features, info.out_features)] = info.name
@@ -249,9 +307,11 @@ class AdapterRegistry:
         w_name, b_name = _GROUP_WEIGHTS[group]
         lw = self.model.layers[layer]
         setattr(lw, w_name, torch.cat([getattr(lw, w_name), vt]).contiguous())
+        self._folded_bytes += vt.numel() * vt.element_size()
         b = getattr(lw, b_name)
         if b is not None:
             setattr(lw, b_name, torch.cat([b, b.new_zeros(vt.shape[0])]))
+            self._folded_bytes += vt.shape[0] * b.element_size()
 
     # ------------------------------------------------------------------ unload
     def unload(self, name: str) -> AdapterInfo:
@@ -259,8 +319,22 @@ class AdapterRegistry:
         self._batch_cache = None
         del self._by_name[name], self._by_uid[info.uid]
         if info.kind == "dense":
-            self._dense_free.append(info.index)
+            self._remove_dense(info)
         return info
+
+    def memory_bytes(self, kind: str | None = None) -> int:
+        """Bytes of adapter tensors on the device: `dense` stacks, `bank` tensors (fused bases and
+        cores, folded Uᵀ and cores, the shrink rows folded into the base weights), or both (None)."""
+        if kind not in (None, "dense", "bank"):
+            raise ValueError(f"kind must be 'dense', 'bank' or None, got {kind!r}")
+        tensors = []
+        if kind in (None, "dense"):
+            tensors += [t for stacks in self._dense.values() for t in stacks]
+        if kind in (None, "bank"):
+            tensors += [t for ts in self._bank.values() for t in ts] + list(self._folded_cores.values())
+            tensors += [ut for ut, _, _ in self._folded.values()]
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return sum(storages.values()) + (self._folded_bytes if kind in (None, "bank") else 0)
 
     # ------------------------------------------------------------------- batch
     def batch(self, uids: list[int]) -> LoraBatch | None:
