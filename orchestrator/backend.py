@@ -127,6 +127,7 @@ class EngineBackend:
             raise ValueError("the orchestrator needs an engine with a tokenizer")
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self._reserved = None
 
     @classmethod
     def from_world(cls, world=None, **engine_kw) -> EngineBackend:
@@ -138,7 +139,14 @@ class EngineBackend:
         return cls(world.engine(**engine_kw))
 
     def chat_prompt(self, messages: str | list[dict]) -> str:
+        """The chat template's prompt; messages holding special tokens (or, outside assistant text,
+        tool markup) are refused with ValueError, as the server refuses them."""
         msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        if self._reserved is None:
+            from serving.tool_calls import Reserved
+
+            self._reserved = Reserved(self.tokenizer)
+        self._reserved.check(msgs)
         return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
     def open(self, prompt: str) -> int:

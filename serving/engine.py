@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from compression.peft_io import LoraAdapter
+
 from .adapters import BASE, AdapterInfo, AdapterRegistry
 from .blocks import BlockManager
 from .model import KVCache, Transformer, load_model
@@ -28,7 +30,8 @@ class Engine:
     """Serve a base model plus many adapters; see the module docstring."""
 
     def __init__(self, model: Transformer, tokenizer=None, *, block_size: int = 16, kv_cache_tokens: int = 65536,
-                 max_batch_tokens: int = 2048, max_model_len: int | None = None, seed: int = 0):
+                 max_batch_tokens: int = 2048, max_model_len: int | None = None, seed: int = 0,
+                 max_lora_rank: int | None = None):
         if block_size < 1 or kv_cache_tokens < block_size or max_batch_tokens < 1:
             raise ValueError(f"need block_size >= 1, kv_cache_tokens >= block_size, max_batch_tokens >= 1; got "
                              f"{block_size}, {kv_cache_tokens}, {max_batch_tokens}")
@@ -40,6 +43,8 @@ class Engine:
         self.cache = KVCache(model.config, num_blocks, block_size, model.dtype, model.device)
         self.blocks = BlockManager(num_blocks)
         self.registry = AdapterRegistry(model.config, model.dtype, model.device, model=model)
+        self.registry.max_lora_rank = max_lora_rank
+        """dense adapters of a larger rank are refused (None: no limit)"""
         self._seqs: dict[int, Seq] = {}
         self._next_seq = 0
         self._arrivals = 0
@@ -77,6 +82,10 @@ class Engine:
     def load_adapter(self, name: str, path: str | os.PathLike) -> AdapterInfo:
         return self.registry.load_adapter(name, path)
 
+    def add_adapter(self, name: str, adapter: LoraAdapter) -> AdapterInfo:
+        """Serve an adapter already read (`compression.peft_io.load_adapter`) as `name`."""
+        return self.registry.add_adapter(name, adapter)
+
     def load_bank(self, bank, prefix: str = "") -> list[AdapterInfo]:
         return self.registry.load_bank(bank, prefix=prefix)
 
@@ -112,13 +121,19 @@ class Engine:
             raise KeyError(f"no open sequence {seq}")
         return s
 
-    def open(self, prompt: str | Sequence[int] = (), adapter: str | None = None) -> int:
-        """A new idle sequence holding `prompt`; nothing is computed until a job needs it."""
-        s = Seq(id=self._next_seq, tokens=[], adapters=[])
+    def open(self, prompt: str | Sequence[int] = (), adapter: str | None = None, group: object = None) -> int:
+        """A new idle sequence holding `prompt`; nothing is computed until a job needs it. Sequences
+        of one `group` (a server passes one per request; forks inherit it) share batch slots fairly
+        with other groups (see `scheduler._fair`)."""
+        s = Seq(id=self._next_seq, tokens=[], adapters=[], group=group)
         self._next_seq += 1
         self._seqs[s.id] = s
-        s.adapter = self._adapter(adapter)
-        self.extend(s.id, prompt)
+        try:
+            s.adapter = self._adapter(adapter)
+            self.extend(s.id, prompt)
+        except Exception:  # a refused prompt or adapter leaves no sequence behind
+            del self._seqs[s.id]
+            raise
         return s.id
 
     def tokens(self, seq: int) -> list[int]:
@@ -180,7 +195,8 @@ class Engine:
         out = []
         for _ in range(n):
             c = Seq(id=self._next_seq, tokens=list(s.tokens), adapters=list(s.adapters), adapter=s.adapter,
-                    alora_start=s.alora_start, blocks=list(s.blocks), keys=list(s.keys), num_computed=s.num_computed)
+                    alora_start=s.alora_start, blocks=list(s.blocks), keys=list(s.keys), num_computed=s.num_computed,
+                    group=s.group)
             self._next_seq += 1
             for b in c.blocks:
                 self.blocks.incref(b)

@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_N = 16
 MAX_STOP = 4
 MAX_LOGPROBS = 20
+MAX_PROMPTS = 256
+"""prompts in one completions request (and each counts n sequences against the in-flight limit)"""
+MAX_TOKENS = 1 << 20
+MAX_TOP_K = 2**31 - 1
+"""a top_k at or over the vocabulary keeps every token"""
 
 
 class APIError(Exception):
@@ -60,9 +65,11 @@ class _Sampling(_Request):
     """Fields shared by both endpoints."""
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
+    """below sampling.GREEDY_EPS (1e-5) it is greedy"""
     top_p: float | None = Field(default=None, gt=0, le=1)
+    """a top_p too small for float32 keeps the most likely token alone"""
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -73,7 +80,7 @@ class _Sampling(_Request):
     logit_bias: dict[str, float] | None = None
     user: str | None = Field(default=None, max_length=256)
     # vLLM extensions
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
 
@@ -127,6 +134,8 @@ class CompletionRequest(_Sampling):
             raise ValueError("best_of is not supported (it must equal n or be omitted)")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be empty")
+        if isinstance(self.prompt, list) and not isinstance(self.prompt[0], int) and len(self.prompt) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(self.prompt)}")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -231,6 +240,10 @@ class ChatRequest(_Sampling):
             raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools {names}")
         if self.tool_choice in ("required",) and not names:
             raise ValueError("tool_choice 'required' needs tools")
+        ids = [c.id for m in self.messages for c in m.tool_calls or []]
+        dup = next((i for i in ids if ids.count(i) > 1), None)
+        if dup is not None:
+            raise ValueError(f"tool call ids must be unique in a conversation; {dup!r} appears {ids.count(dup)} times")
         return self
 
     @property
@@ -249,6 +262,16 @@ class LoadLoraRequest(_Request):
     lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-/]+$")
     lora_path: str = Field(min_length=1, max_length=4096)
     load_inplace: bool = False
+
+    @field_validator("lora_path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if "\x00" in v:
+            raise ValueError("lora_path must not hold NUL characters")
+        long = next((c for c in v.split("/") if len(c.encode("utf-8", "surrogatepass")) > 255), None)
+        if long is not None:
+            raise ValueError(f"lora_path has a component of {len(long)} characters; file names have at most 255")
+        return v
 
 
 class UnloadLoraRequest(_Request):

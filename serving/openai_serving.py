@@ -18,7 +18,7 @@ from .async_engine import AsyncEngine
 from .openai_protocol import APIError, ChatRequest, CompletionRequest
 from .sampling import SamplingParams, TokenLogprob
 from .sequence import Counters
-from .tool_calls import Call, HermesTools, MarkupTools, ToolFormat
+from .tool_calls import Call, HermesTools, MarkupTools, Reserved, ToolFormat, json_strings
 
 Emit = Callable[[int, str, list[TokenLogprob] | None], Awaitable[None]]
 """emit(choice index, new text, new logprobs) while a choice streams"""
@@ -69,6 +69,7 @@ class Serving:
         self.model_name = model_name
         self.tool_format = tool_format
         self.max_model_len = self.engine.max_model_len
+        self.reserved = Reserved(self.tokenizer, tool_format)
 
     # --------------------------------------------------------------- requests
     def adapter_for(self, model: str) -> str | None:
@@ -101,11 +102,15 @@ class Serving:
                               top_k=max(req.top_k, 0) if req.top_k is not None else 0,
                               seed=req.seed, stop=list(req.stop or []), ignore_eos=req.ignore_eos, logprobs=logprobs)
 
+    def check_length(self, text: str, param: str) -> None:
+        """Refuse text far longer than the context before spending time tokenizing it."""
+        if len(text) > 64 * self.max_model_len:
+            raise APIError(400, f"{param} of {len(text)} characters is far over the context "
+                                f"({self.max_model_len} tokens)", param=param, code="context_length_exceeded")
+
     def _encode(self, prompt: str | list[int], param: str) -> list[int]:
         if isinstance(prompt, str):
-            if len(prompt) > 64 * self.max_model_len:
-                raise APIError(400, f"prompt of {len(prompt)} characters is far over the context "
-                                    f"({self.max_model_len} tokens)", param=param, code="context_length_exceeded")
+            self.check_length(prompt, param)
             return list(self.tokenizer.encode(prompt, add_special_tokens=False))
         vocab = self.engine.config.vocab_size
         bad = [t for t in prompt if not 0 <= t < vocab]
@@ -155,16 +160,23 @@ class Serving:
         return text, fmt if use_tools else None, continues
 
     def check_contents(self, req: ChatRequest) -> None:
-        """Refuse message text holding the tokenizer's special tokens (`<|end|>`, role markers):
-        tokenized with the rendered prompt they would act as markup, e.g. end a user turn and
-        open a forged assistant one."""
-        specials = [t for t in getattr(self.tokenizer, "all_special_tokens", []) if len(t) > 1]
+        """Refuse text that would act as markup in the rendered prompt: special tokens (`<|end|>`,
+        role markers: they would end a user turn and open a forged one) anywhere, and the tool
+        markup (`[CALC]`, `<tool_call>`, ...: a forged call or result) outside assistant text.
+        Tool-call arguments are checked as the prompt will hold them, i.e. JSON-decoded (so
+        `\\u003c|end|\\u003e` is `<|end|>`), and so are the declared tools (a template renders them)."""
+        reserved = self.reserved
         for i, m in enumerate(req.messages):
-            text = m.text + "".join(c.function.arguments for c in m.tool_calls or [])
-            hit = next((t for t in specials if t in text), None)
+            calls = [s for c in m.tool_calls or [] for s in (c.function.name, *json_strings(c.function.arguments))]
+            for field, hit in (("content", reserved.find(m.text, m.role)), ("name", reserved.find_any([m.name or ""])),
+                               ("tool_calls", reserved.find_any(calls))):
+                if hit is not None:
+                    raise APIError(400, f"messages[{i}].{field} contains {hit!r}, {reserved.why(hit)}",
+                                   param=f"messages.{i}.{field}")
+        for j, t in enumerate(req.tools or []):
+            hit = reserved.find_any(json_strings(t.model_dump_json()))
             if hit is not None:
-                raise APIError(400, f"messages[{i}] contains the special token {hit!r}, which only the chat "
-                                    f"template may write", param=f"messages.{i}.content")
+                raise APIError(400, f"tools[{j}] contains {hit!r}, {reserved.why(hit)}", param=f"tools.{j}")
 
     def prepare_chat(self, req: ChatRequest) -> Prepared:
         adapter = self.adapter_for(req.model)
@@ -176,12 +188,15 @@ class Serving:
                         req.include_stop_str_in_output)
 
     # -------------------------------------------------------------- running
-    async def run(self, prep: Prepared, emit: Emit | None = None, first_index: int = 0) -> list[Choice]:
-        """Run the request's n choices together; every sequence it opened is closed at the end."""
+    async def run(self, prep: Prepared, emit: Emit | None = None, first_index: int = 0,
+                  group: object = None) -> list[Choice]:
+        """Run the request's n choices together; every sequence it opened is closed at the end.
+        The sequences of one `group` (one HTTP request) share engine steps fairly with others."""
         seqs: list[int] = []
         try:
             try:
-                parent = await self.ae.call(self.engine.open, prep.ids, prep.adapter, undo=self.ae.close_nowait)
+                parent = await self.ae.call(self.engine.open, prep.ids, prep.adapter, group,
+                                            undo=self.ae.close_nowait)
             except KeyError:  # the adapter was unloaded after the request was checked
                 raise APIError(404, f"The model `{prep.adapter}` does not exist.", param="model",
                                code="model_not_found") from None

@@ -173,47 +173,94 @@ def run_step(e: Engine) -> list[Delta]:
     if not active:
         return []
     deltas: list[Delta] = []
-    plan = _schedule(e, active, deltas)
-    if plan:
-        batch, uids = _build(e, plan)
-        hidden = e.model.forward(batch, e.cache, e.registry.batch(uids))
-        e.steps += 1
-        rows, owners = [], []
-        row = 0
-        for s, start, end in plan:
-            job = s.job
-            if isinstance(job, GenJob):
-                computed_ctx = end - start - min(job.pending, end - start)
-                job.counters.prefilled += computed_ctx
-                job.pending = 0
-                if end == len(s.tokens):
-                    rows.append(row + end - start - 1)
-                    owners.append((s, "gen", None))
-            else:
-                job.counters.prefilled += end - start
-                lo = max(start, job.logits_from)
-                hi = end
-                if hi > lo:
-                    rows.extend(range(row + lo - start, row + hi - start))
-                    owners.append((s, "score", (lo, hi)))
-            row += end - start
-            _commit(e, s, end)
-        logits = e.model.logits(hidden[torch.tensor(rows, device=hidden.device)]) if rows else None
-        gen = []
-        at = 0
-        for s, kind, span in owners:
-            if kind == "gen":
-                gen.append((s, at))
-                at += 1
-            else:
-                lo, hi = span
-                n = hi - lo
-                targets = torch.tensor(s.tokens[lo + 1: hi + 1], device=logits.device)
-                lp = logits[at: at + n].log_softmax(-1).gather(-1, targets[:, None])[:, 0]
-                s.job.scores.extend(lp.tolist())
-                at += n
-        if gen:
-            deltas += _sample(e, gen, logits)
+    plan = _schedule(e, _fair(active), deltas)
+    if not plan:
+        return deltas
+    try:
+        deltas += _execute(e, plan)
+    except Exception as err:  # noqa: BLE001 - isolate it: one bad request must not fail the batch
+        if len(plan) == 1:
+            d = _fail(plan[0][0], f"{type(err).__name__}: {err}")
+            deltas += [d] if d is not None else []
+        else:  # nothing was committed: run each sequence alone, failing only those that raise
+            for item in plan:
+                try:
+                    deltas += _execute(e, [item])
+                except Exception as one:  # noqa: BLE001
+                    d = _fail(item[0], f"{type(one).__name__}: {one}")
+                    deltas += [d] if d is not None else []
+    return deltas
+
+
+def _fair(active: list[Seq]) -> list[Seq]:
+    """Interleave request groups (oldest first within each): the k-th sequence of every group comes
+    before the (k+1)-th of any, so one request with thousands of sequences cannot starve the others
+    of batch slots (nor, being last in the order, of KV blocks: preemption takes from the tail).
+    Sequences outside any group are their own group, which keeps plain arrival order."""
+    if all(s.group is None for s in active):
+        return active
+    rank: dict[object, int] = {}
+    order = []
+    for s in active:
+        g = s.group if s.group is not None else ("seq", s.id)
+        order.append((rank.get(g, 0), s.arrival, s))
+        rank[g] = rank.get(g, 0) + 1
+    return [s for _, _, s in sorted(order, key=lambda t: t[:2])]
+
+
+def _execute(e: Engine, plan: list[tuple[Seq, int, int]]) -> list[Delta]:
+    """Forward the plan, then commit it. Everything that can raise on one request's account (the
+    forward, the logits, sampling) runs before any sequence changes, so a failed plan can be
+    retried in parts; what runs after is per sequence."""
+    batch, uids = _build(e, plan)
+    hidden = e.model.forward(batch, e.cache, e.registry.batch(uids))
+    rows, owners = [], []
+    row = 0
+    for s, start, end in plan:
+        if isinstance(s.job, GenJob):
+            if end == len(s.tokens):
+                rows.append(row + end - start - 1)
+                owners.append((s, "gen", None))
+        else:
+            lo, hi = max(start, s.job.logits_from), end
+            if hi > lo:
+                rows.extend(range(row + lo - start, row + hi - start))
+                owners.append((s, "score", (lo, hi)))
+        row += end - start
+    logits = e.model.logits(hidden[torch.tensor(rows, device=hidden.device)]) if rows else None
+    gen, scores = [], []
+    at = 0
+    for s, kind, span in owners:
+        if kind == "gen":
+            gen.append((s, at))
+            at += 1
+        else:
+            lo, hi = span
+            n = hi - lo
+            targets = torch.tensor(s.tokens[lo + 1: hi + 1], device=logits.device)
+            lp = logits[at: at + n].log_softmax(-1).gather(-1, targets[:, None])[:, 0]
+            scores.append((s, lp.tolist()))
+            at += n
+    sampled = _draw(e, gen, logits) if gen else []
+    # Commit: from here on nothing raises for the batch.
+    e.steps += 1
+    for s, start, end in plan:
+        job = s.job
+        if isinstance(job, GenJob):
+            job.counters.prefilled += end - start - min(job.pending, end - start)
+            job.pending = 0
+        else:
+            job.counters.prefilled += end - start
+        _commit(e, s, end)
+    for s, lps in scores:
+        s.job.scores.extend(lps)
+    deltas = []
+    for s, tok, lp in sampled:
+        try:
+            deltas.append(_append(e, s, tok, lp))
+        except Exception as err:  # noqa: BLE001 - e.g. a stop check that fails on this request's text
+            d = _fail(s, f"{type(err).__name__}: {err}")
+            deltas += [d] if d is not None else []
     for s, _, _ in plan:
         if isinstance(s.job, ScoreJob) and s.num_computed >= s.need_end():
             s.job.done = True
@@ -231,26 +278,33 @@ def _commit(e: Engine, s: Seq, end: int) -> None:
         s.keys.append(key)
 
 
-def _sample(e: Engine, gen: list[tuple[Seq, int]], logits: torch.Tensor) -> list[Delta]:
+def _draw(e: Engine, gen: list[tuple[Seq, int]], logits: torch.Tensor) -> list[tuple[Seq, int, object]]:
+    """(sequence, sampled token, its TokenLogprob or None) per generating sequence; changes nothing."""
     rows = torch.tensor([at for _, at in gen], device=logits.device)
     lg = logits[rows]  # (B, V)
     params = [s.job.params for s, _ in gen]
     toks = sample(lg, params, [s.job.generator for s, _ in gen])
     want_lp = [p.logprobs is not None for p in params]
     lps = token_logprobs(lg, toks, max(p.logprobs or 0 for p in params)) if any(want_lp) else None
-    deltas = []
+    out = []
     for i, ((s, _), tok) in enumerate(zip(gen, toks.tolist())):
-        job, p = s.job, params[i]
-        s.tokens.append(tok)
-        s.adapters.append(s.uid_at(len(s.tokens) - 1))
-        job.pending = 1
-        job.counters.decoded += 1
+        lp = None
         if lps is not None and want_lp[i]:
             lp = lps[i]
-            lp.top = lp.top[: p.logprobs]
-            job.logprobs.append(lp)
-        deltas.append(_finish_check(e, s, tok))
-    return deltas
+            lp.top = lp.top[: params[i].logprobs]
+        out.append((s, tok, lp))
+    return out
+
+
+def _append(e: Engine, s: Seq, tok: int, lp) -> Delta:
+    job = s.job
+    s.tokens.append(tok)
+    s.adapters.append(s.uid_at(len(s.tokens) - 1))
+    job.pending = 1
+    job.counters.decoded += 1
+    if lp is not None:
+        job.logprobs.append(lp)
+    return _finish_check(e, s, tok)
 
 
 def _finish_check(e: Engine, s: Seq, tok: int) -> Delta:

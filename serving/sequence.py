@@ -97,6 +97,8 @@ class Seq:
     owned: bool = False
     """created by generate()/score(): closed by the engine when its job ends"""
     arrival: int = 0
+    group: object = None
+    """fair-scheduling group (e.g. one HTTP request's sequences); None: a group of its own"""
 
     def uid_at(self, pos: int) -> int:
         a = self.adapter

@@ -11,14 +11,23 @@
 `model` picks the adapter: `base`, `NAME` or `base:NAME`. Every request runs in the engine's one
 continuous batch. Every failure is an OpenAI-shaped error body with its status code; a client that
 disconnects (mid-stream or while waiting) has its sequences closed, which frees their blocks.
+
+What one client can do to the others is bounded here (`ServerLimits`): bodies are size-, time- and
+depth-limited and must be JSON (`Content-Type: application/json`, so no cross-site form can drive
+the API); sequences in flight (prompts × n) are counted against one limit and share engine steps
+fairly between requests; with an API key every route but `/health` and `/metrics` needs
+`Authorization: Bearer KEY`; adapters change at run time only with `allow_adapter_updates`, and
+never those the server's own features use.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import logging
+import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,6 +46,7 @@ from .async_engine import AsyncEngine
 from .engine import Engine
 from .openai_protocol import APIError, ChatRequest, CompletionRequest, DetokenizeRequest, LoadLoraRequest, \
     TokenizeRequest, UnloadLoraRequest, validation_error
+from compression.peft_io import load_adapter
 from .openai_serving import Choice, Serving, chat_logprobs, completion_logprobs, created, new_id, usage
 from .tool_calls import ToolFormat
 
@@ -50,15 +60,124 @@ class ServerLimits:
     max_body_bytes: int = 1 << 20
     """larger request bodies get 413"""
     max_running: int = 512
-    """requests in flight at once; more get 503 (retry later)"""
+    """sequences in flight at once (each request counts prompts × n); more get 503 (retry later),
+    and one request asking for more than this alone gets 400"""
     disconnect_poll_s: float = 0.25
     """how often a non-streaming request checks whether its client is still there"""
+    body_timeout_s: float = 30.0
+    """a request body must arrive within this (half-sent bodies get 408, not a held connection)"""
+    max_json_depth: int = 64
+    """deepest nesting of a request body's JSON"""
+
+
+OPEN_PATHS = ("/health", "/metrics")
+"""routes that need no API key (liveness probes and scrapers)"""
+
+
+class _Gate:
+    """ASGI middleware in front of every route: the API key, and JSON-only POST bodies (a browser
+    can send `text/plain` or form posts cross-site without a preflight; it cannot send JSON)."""
+
+    def __init__(self, app, api_key: str | None, on_error):
+        self.app, self.api_key, self.on_error = app, api_key, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            err = self.check(scope)
+            if err is not None:
+                self.on_error()
+                await StrictJSON(err.body(), status_code=err.status,
+                                   headers={"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+                                   )(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, scope) -> APIError | None:
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.api_key is not None and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key.encode()):
+                return APIError(401, "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'",
+                                type="invalid_request_error", code="invalid_api_key")
+        if scope["method"] == "POST":
+            ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if ctype != b"application/json":
+                return APIError(415, f"request bodies must be JSON with 'Content-Type: application/json', got "
+                                     f"{ctype.decode('latin-1')[:64] or 'none'!r}", code="unsupported_media_type")
+        return None
+
+
+def parse_body(raw: bytes, max_depth: int):
+    """A request body as a JSON object, or a 400: strict UTF-8, no NaN/Infinity literals, integers
+    of at most 4300 digits (Python's own limit), nesting at most `max_depth`, no lone surrogates
+    (which `\\ud800` escapes can smuggle into text that no tokenizer can encode)."""
+    def no_constants(name):
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
+    except RecursionError:
+        raise APIError(400, f"the request body nests deeper than {max_depth} levels", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError, over-long integers, bad UTF-8
+        raise APIError(400, f"the request body is not valid JSON: {str(err)[:200]}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    stack = [(data, 1)]
+    while stack:
+        x, depth = stack.pop()
+        if depth > max_depth:
+            raise APIError(400, f"the request body nests deeper than {max_depth} levels", code="invalid_json")
+        items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
+        for k, v in items:
+            for t in (k, v):
+                if isinstance(t, str):
+                    try:
+                        t.encode("utf-8")
+                    except UnicodeEncodeError:
+                        raise APIError(400, "the request body holds a lone UTF-16 surrogate (an unpaired \\ud800-"
+                                            "\\udfff escape), which is not text", code="invalid_json") from None
+            if isinstance(v, (dict, list)):
+                stack.append((v, depth + 1))
+    return data
+
+
+def finite(obj):
+    """`obj` with every non-finite float replaced, so it serialises as strict JSON: -inf log-
+    probabilities become -9999.0 (vLLM's floor), +inf 9999.0, NaN null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else math.copysign(9999.0, obj)
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj) -> str:
+    return json.dumps(finite(obj), allow_nan=False)
+
+
+class StrictJSON(JSONResponse):
+    """A JSON response that is strict JSON whatever floats it holds (see `finite`)."""
+
+    def render(self, content) -> bytes:
+        return dumps(content).encode("utf-8")
 
 
 def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFormat | None = None,
-               limits: ServerLimits | None = None, adapter_roots: dict[str, str] | None = None):
-    """A FastAPI app serving `engine`; the engine thread starts and stops with the app."""
+               limits: ServerLimits | None = None, adapter_roots: dict[str, str] | None = None,
+               api_key: str | None = None, allow_adapter_updates: bool = False,
+               protected_adapters: set[str] | frozenset[str] = frozenset()):
+    """A FastAPI app serving `engine`; the engine thread starts and stops with the app.
+
+    `api_key`: every route but `OPEN_PATHS` needs `Authorization: Bearer api_key`.
+    `allow_adapter_updates`: enables `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (off:
+    403). `protected_adapters` (and every bank entry) can never be unloaded: the server's own
+    features (the tool selector, the skills) depend on them."""
     limits = limits if limits is not None else ServerLimits()
+    if api_key is not None and not api_key:
+        raise ValueError("api_key must be a non-empty string (or None for no authentication)")
+    protected = frozenset(protected_adapters)
     ae = AsyncEngine(engine)
     serving = Serving(ae, model_name, tool_format)
     roots = dict(adapter_roots or {})
@@ -75,9 +194,14 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
     app = FastAPI(title="kilolora", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.serving = serving
 
+    def count_error():
+        counters["errors"] += 1
+
+    app.add_middleware(_Gate, api_key=api_key, on_error=count_error)
+
     def error(err: APIError):
         counters["errors"] += 1
-        return JSONResponse(err.body(), status_code=err.status)
+        return StrictJSON(err.body(), status_code=err.status)
 
     @app.exception_handler(APIError)
     async def _api_error(request, err: APIError):
@@ -97,7 +221,9 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
         @functools.wraps(route)
         async def guarded(*args, **kw):
             try:
-                return await route(*args, **kw)
+                out = await route(*args, **kw)
+                # Rendered here, inside the guard, as strict JSON (no bare NaN / Infinity).
+                return StrictJSON(out) if isinstance(out, dict) else out
             except APIError:
                 raise
             except Exception as exc:
@@ -111,27 +237,34 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
         if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
             raise APIError(413, f"request body of {size} bytes is over the limit of {limits.max_body_bytes}",
                            code="request_too_large")
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limits.max_body_bytes:
-                raise APIError(413, f"request body is over the limit of {limits.max_body_bytes} bytes",
-                               code="request_too_large")
+
+        async def read() -> bytes:
+            raw = bytearray()
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > limits.max_body_bytes:
+                    raise APIError(413, f"request body is over the limit of {limits.max_body_bytes} bytes",
+                                   code="request_too_large")
+            return bytes(raw)
+
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
-        if not isinstance(data, dict):
-            raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}",
-                           code="invalid_json")
+            raw = await asyncio.wait_for(read(), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                           code="request_timeout") from None
+        data = parse_body(raw, limits.max_json_depth)
         try:
             return model.model_validate(data)
         except ValidationError as err:
             raise validation_error(err) from None
 
-    def admit():
-        if counters["running"] >= limits.max_running:
-            raise APIError(503, f"the server is at its limit of {limits.max_running} requests in flight; retry",
+    def admit(seqs: int):
+        """Refuse a request whose `seqs` sequences would go over the in-flight limit."""
+        if seqs > limits.max_running:
+            raise APIError(400, f"the request asks for {seqs} sequences (prompts × n); the server runs at most "
+                                f"{limits.max_running} at once", param="n", code="too_many_sequences")
+        if counters["running"] + seqs > limits.max_running:
+            raise APIError(503, f"the server is at its limit of {limits.max_running} sequences in flight; retry",
                            type="server_error", code="overloaded")
 
     async def cancellable(request: Request, coro):
@@ -183,8 +316,9 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
     @guard
     async def completions(request: Request):
         req = await body(request, CompletionRequest)
-        preps = serving.prepare_completion(req)
-        admit()
+        preps = await asyncio.to_thread(serving.prepare_completion, req)  # tokenizing: off the event loop
+        k = len(preps) * req.n
+        admit(k)
         rid, model, t = new_id("cmpl"), req.model, created()
         n_prompt = sum(len(p.ids) for p in preps)
 
@@ -193,11 +327,11 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
                     "logprobs": completion_logprobs(serving.tokenizer, c.logprobs) if req.logprobs is not None else None}
 
         async def work(emit=None):
-            runs = [serving.run(p, emit, first_index=k * req.n) for k, p in enumerate(preps)]
+            runs = [serving.run(p, emit, first_index=j * req.n, group=rid) for j, p in enumerate(preps)]
             return [c for cs in await asyncio.gather(*runs) for c in cs]
 
         if not req.stream:
-            choices = await tracked(cancellable(request, work()))
+            choices = await tracked(cancellable(request, work()), k)
             return {"id": rid, "object": "text_completion", "created": t, "model": model,
                     "choices": [choice_body(i, c) for i, c in enumerate(choices)],
                     "usage": usage(n_prompt, choices, sum(c.counters.cached for c in choices))}
@@ -220,14 +354,14 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
                             "usage": usage(n_prompt, choices, sum(c.counters.cached for c in choices))})
             return out
 
-        return StreamingResponse(sse(work, chunk, final), media_type="text/event-stream")
+        return StreamingResponse(sse(work, chunk, final, k), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     @guard
     async def chat(request: Request):
         req = await body(request, ChatRequest)
-        prep = serving.prepare_chat(req)
-        admit()
+        prep = await asyncio.to_thread(serving.prepare_chat, req)
+        admit(req.n)
         rid, model, t = new_id("chatcmpl"), req.model, created()
 
         def message(c: Choice) -> dict:
@@ -237,10 +371,10 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
             return m
 
         async def work(emit=None):
-            return await serving.run(prep, emit)
+            return await serving.run(prep, emit, group=rid)
 
         if not req.stream:
-            choices = await tracked(cancellable(request, work()))
+            choices = await tracked(cancellable(request, work()), req.n)
             return {"id": rid, "object": "chat.completion", "created": t, "model": model,
                     "choices": [{"index": i, "message": message(c), "finish_reason": c.finish_reason,
                                  "stop_reason": c.stop_reason,
@@ -271,17 +405,17 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
                                                           sum(c.counters.cached for c in choices))})
             return out
 
-        return StreamingResponse(sse(work, chunk, final, first), media_type="text/event-stream")
+        return StreamingResponse(sse(work, chunk, final, req.n, first), media_type="text/event-stream")
 
-    async def tracked(coro):
-        counters["running"] += 1
+    async def tracked(coro, seqs: int):
+        counters["running"] += seqs
         counters["total"] += 1
         try:
             return await coro
         finally:
-            counters["running"] -= 1
+            counters["running"] -= seqs
 
-    async def sse(work, chunk, final, first=None) -> AsyncIterator[str]:
+    async def sse(work, chunk, final, seqs: int, first=None) -> AsyncIterator[str]:
         """Server-sent events: the choices' chunks as they come, the final chunks, `[DONE]`.
         If the client goes away, the generator is closed or cancelled: `work` is cancelled and
         its sequences are closed."""
@@ -304,59 +438,85 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
                 await q.put(APIError(500, f"internal error: {err!r}", type="server_error").body())
             await q.put(None)
 
-        counters["running"] += 1
+        counters["running"] += seqs
         counters["total"] += 1
         task = asyncio.ensure_future(produce())
         try:
             for c in first() if first is not None else []:
-                yield f"data: {json.dumps(c)}\n\n"
+                yield f"data: {dumps(c)}\n\n"
             while True:
                 item = await q.get()
                 if item is None:
                     break
-                yield f"data: {json.dumps(item)}\n\n"
+                yield f"data: {dumps(item)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            counters["running"] -= 1
+            counters["running"] -= seqs
             if not task.done():
                 counters["cancelled"] += 1
                 task.cancel()
 
     # -------------------------------------------------------------- adapters
+    def updates_allowed():
+        if not allow_adapter_updates:
+            raise APIError(403, "runtime adapter updates are off on this server (start it with "
+                                "--allow-adapter-updates to enable load_lora_adapter / unload_lora_adapter)",
+                           code="adapter_updates_disabled")
+
     @app.post("/v1/load_lora_adapter")
     @guard
     async def load_lora(request: Request):
+        updates_allowed()
         req = await body(request, LoadLoraRequest)
+        if req.lora_name == model_name or req.lora_name in protected:
+            raise APIError(403, f"the adapter name {req.lora_name!r} is the server's own and cannot be replaced",
+                           param="lora_name", code="adapter_protected")
         path = Path(req.lora_path)
-        if "://" in req.lora_path or not path.is_absolute() and not path.exists():
-            raise APIError(400, f"lora_path must be a local directory; {req.lora_path!r} is not one (adapters are "
-                                f"never downloaded)", param="lora_path")
-        if not path.is_dir():
-            raise APIError(400, f"lora_path {req.lora_path!r} is not a directory", param="lora_path")
-        if req.lora_name in engine.registry or req.lora_name == model_name:
-            raise APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.", param="lora_name")
-        if (path / "bank.json").is_file():
-            raise APIError(400, f"{req.lora_path!r} is a compressed bank: banks are served from the start "
-                                f"(`kilolora serve --bank DIR`); this endpoint loads PEFT adapter directories",
-                           param="lora_path")
         try:
-            await ae.call(engine.load_adapter, req.lora_name, path)
+            if "://" in req.lora_path or not path.is_absolute() and not path.exists():
+                raise APIError(400, f"lora_path must be a local directory; {req.lora_path!r} is not one (adapters "
+                                    f"are never downloaded)", param="lora_path")
+            if not path.is_dir():
+                raise APIError(400, f"lora_path {req.lora_path!r} is not a directory", param="lora_path")
+            if (path / "bank.json").is_file():
+                raise APIError(400, f"{req.lora_path!r} is a compressed bank: banks are served from the start "
+                                    f"(`kilolora serve --bank DIR`); this endpoint loads PEFT adapter directories",
+                               param="lora_path")
+        except OSError as err:
+            raise APIError(400, f"lora_path {req.lora_path[:200]!r} cannot be read: {err.strerror or err}",
+                           param="lora_path") from None
+        if await ae.call(lambda: req.lora_name in engine.registry):
+            raise APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.", param="lora_name")
+        try:
+            # Read and check the files on a worker thread (configs are size-bounded before they are
+            # read); only the copy into the registry's stacks runs on the engine thread.
+            adapter = await asyncio.to_thread(load_adapter, path, req.lora_name)
+            await ae.call(engine.add_adapter, req.lora_name, adapter)
         except (ValueError, FileNotFoundError, KeyError, OSError) as err:
-            raise APIError(400, f"cannot load {req.lora_path!r}: {err}", param="lora_path") from None
+            msg = err.args[0] if isinstance(err, KeyError) and err.args else err
+            raise APIError(400, f"cannot load {req.lora_path!r}: {msg}", param="lora_path") from None
         roots[req.lora_name] = str(path)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
     @guard
     async def unload_lora(request: Request):
+        updates_allowed()
         req = await body(request, UnloadLoraRequest)
-        if req.lora_name not in engine.registry:
-            raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", param="lora_name",
-                           code="model_not_found")
-        try:
-            await ae.call(engine.unload_adapter, req.lora_name)
-        except ValueError as err:
-            raise APIError(409, str(err), param="lora_name", code="adapter_in_use") from None
+
+        def unload():  # on the engine thread, where the registry changes
+            if req.lora_name not in engine.registry:
+                raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", param="lora_name",
+                               code="model_not_found")
+            if req.lora_name in protected or engine.registry.get(req.lora_name).kind == "bank":
+                raise APIError(403, f"the adapter {req.lora_name!r} is part of the server's own features or its "
+                                    f"bank and cannot be unloaded", param="lora_name", code="adapter_protected")
+            try:
+                engine.unload_adapter(req.lora_name)
+            except ValueError as err:
+                raise APIError(409, str(err), param="lora_name", code="adapter_in_use") from None
+
+        await ae.call(unload)
         roots.pop(req.lora_name, None)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
@@ -366,13 +526,18 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
     async def tokenize(request: Request):
         req = await body(request, TokenizeRequest)
         tok = serving.tokenizer
-        if req.messages is not None:  # rendered as the chat endpoint renders them, tool calls included
-            chat = ChatRequest(model=model_name, messages=req.messages)
-            serving.check_contents(chat)
-            text, _, _ = serving.render_chat(chat, req.add_generation_prompt, req.continue_final_message)
-        else:
-            text = req.prompt
-        ids = tok.encode(text, add_special_tokens=req.add_special_tokens)
+
+        def work():  # tokenizing a large body takes a while: off the event loop
+            if req.messages is not None:  # rendered as the chat endpoint renders them, tool calls included
+                chat = ChatRequest(model=model_name, messages=req.messages)
+                serving.check_contents(chat)
+                text, _, _ = serving.render_chat(chat, req.add_generation_prompt, req.continue_final_message)
+            else:
+                text = req.prompt
+            serving.check_length(text, "prompt" if req.messages is None else "messages")
+            return text, tok.encode(text, add_special_tokens=req.add_special_tokens)
+
+        text, ids = await asyncio.to_thread(work)
         return {"count": len(ids), "max_model_len": serving.max_model_len, "tokens": ids, "prompt": text}
 
     @app.post("/detokenize")
@@ -387,13 +552,58 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
     return app
 
 
-def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    """Run the app with uvicorn until interrupted."""
+def serve(app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning", header_timeout_s: float = 10.0,
+          max_connections: int = 1024) -> None:
+    """Run the app with uvicorn until interrupted. A connection must finish sending a request's
+    headers within `header_timeout_s` (uvicorn itself would wait forever: slowloris), and at most
+    `max_connections` are served at once (more get 503)."""
     try:
         import uvicorn
     except ImportError as err:
         raise ImportError("the server needs uvicorn: pip install 'uvicorn>=0.29'") from err
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                http=header_timeout_protocol(header_timeout_s), limit_concurrency=max_connections)
+
+
+def header_timeout_protocol(timeout_s: float):
+    """uvicorn's h11 protocol, closing a connection that sends part of a request's headers (or
+    nothing at all after connecting) and then stalls for `timeout_s`."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:  # headers still incomplete
+                if self._header_timer is None:
+                    self._arm()
+            else:
+                self._disarm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self):
+            self._header_timer = self.loop.call_later(timeout_s, self._expire)
+
+        def _disarm(self):
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expire(self):
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutH11
 
 
 def local_dir(path: str | os.PathLike, what: str) -> Path:

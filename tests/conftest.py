@@ -44,5 +44,5 @@ def world_server(tmp_path_factory):
     stopped, and its log must hold no traceback: a 500 anywhere in the suite fails it."""
     from tests.helpers import kilolora_server
 
-    with kilolora_server([], tmp_path_factory.mktemp("world_server") / "serve.log") as url:
+    with kilolora_server(["--allow-adapter-updates"], tmp_path_factory.mktemp("world_server") / "serve.log") as url:
         yield url
