@@ -134,9 +134,14 @@ class CompletionRequest(_Sampling):
             raise ValueError("best_of is not supported (it must equal n or be omitted)")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be empty")
-        if isinstance(self.prompt, list) and not isinstance(self.prompt[0], int) and len(self.prompt) > MAX_PROMPTS:
-            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(self.prompt)}")
         return self
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts(cls, v):
+        if isinstance(v, list) and v and not isinstance(v[0], int) and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(v)}")
+        return v
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
