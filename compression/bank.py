@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,12 +29,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import jd
-from .peft_io import LoraAdapter, SlotInfo, save_adapter
+from .jsonfields import describe, from_json, json_type, matches, short
+from .peft_io import LoraAdapter, SlotInfo, check_output_name, save_adapter
 
 FORMAT_VERSION = 1
 TENSORS_NAME = "bank.safetensors"
 META_NAME = "bank.json"
+BACKUP_SUFFIX = ".kilolora-old"
+"""`.<name>.kilolora-old` beside a bank holds the old bank while an overwrite swaps in the new one."""
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TENSOR_KEYS = ("U", "V", "sigma")
 
 
 @dataclass
@@ -223,19 +228,19 @@ class Bank:
     # ------------------------------------------------------------------------------- disk
 
     def save(self, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write the bank atomically: a temp dir beside `out_dir`, then a rename."""
-        out_dir = Path(out_dir)
-        if out_dir.exists() and not overwrite:
-            raise ValueError(f"output directory already exists: {out_dir}")
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        """Write the bank atomically: a temp dir beside `out_dir`, then a rename.
+
+        `overwrite` replaces an existing bank (a directory with bank.json), nothing else, by a
+        swap: old → `.<name>.kilolora-old`, new → `out_dir`, then the old one is deleted. A run
+        killed between the renames leaves the old bank in the backup; the next `save`,
+        `load` or `check_output` of `out_dir` puts it back.
+        """
+        target = Path(os.path.abspath(out_dir))
+        check_output(target, overwrite)
+        tensors = self._stored_tensors()  # refuses NaN/Inf before anything is written
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            dtype = _DTYPES[self.dtype]
-            tensors = {}
-            for s in self.slots:
-                tensors[f"{s.name}.U"] = self.U[s.name].to(dtype).contiguous()
-                tensors[f"{s.name}.V"] = self.V[s.name].to(dtype).contiguous()
-                tensors[f"{s.name}.sigma"] = self.sigma[s.name].to(dtype).contiguous()
             save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "kilolora.bank"})
             meta = {
                 "format": "kilolora.bank",
@@ -253,39 +258,69 @@ class Bank:
                 "tensors_sha256": _sha256(tmp / TENSORS_NAME),
             }
             (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
-            if out_dir.exists():  # overwrite: swap, so a crash leaves either the old or the new bank
-                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-                os.rename(out_dir, old / "bank")
-                os.rename(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
+            if target.exists() or target.is_symlink():
+                _swap(tmp, target)
             else:
-                os.rename(tmp, out_dir)
+                os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return out_dir
+        return Path(out_dir)
+
+    def _stored_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor in the stored dtype; NaN or Inf (also from overflow in float16) is refused."""
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
+        dtype = _DTYPES[self.dtype]
+        tensors = {
+            f"{s.name}.{key}": getattr(self, key)[s.name].to(dtype).contiguous() for s in self.slots for key in _TENSOR_KEYS
+        }
+        bad = first_non_finite(tensors.items())
+        if bad is not None:
+            hint = "; values beyond float16's range: store float32 (--dtype float32)" if self.dtype == "float16" else ""
+            raise ValueError(f"bank tensor {bad} has NaN or Inf values (as {self.dtype}); nothing was written{hint}")
+        return tensors
 
     @classmethod
     def load(cls, bank_dir: str | os.PathLike) -> Bank:
-        """Read a bank directory, verifying the tensor file's sha256 and every shape."""
+        """Read a bank directory, verifying the tensor file's sha256, every field, shape and value."""
         bank_dir = Path(bank_dir)
+        recover(bank_dir)
         meta_path, tensor_path = bank_dir / META_NAME, bank_dir / TENSORS_NAME
         if not meta_path.is_file() or not tensor_path.is_file():
             raise ValueError(f"{bank_dir}: not a kilolora bank (needs {META_NAME} and {TENSORS_NAME})")
         try:
             meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{meta_path}: invalid JSON ({e})") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path}: expected a JSON object, got {json_type(meta)}")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}; this kilolora reads {FORMAT_VERSION}")
+        _check_meta(meta, meta_path)
         if _sha256(tensor_path) != meta.get("tensors_sha256"):
             raise ValueError(f"{tensor_path}: sha256 does not match {META_NAME}; the bank is corrupt or was modified")
         try:
             tensors = load_file(str(tensor_path))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{tensor_path}: corrupt safetensors file ({e})") from None
-        slots = [SlotInfo(**s) for s in meta["slots"]]
-        entries = [BankEntry(**e) for e in meta["adapters"]]
+        slots = [from_json(SlotInfo, s, f"{meta_path}: slots[{i}]") for i, s in enumerate(meta["slots"])]
+        entries = [from_json(BankEntry, e, f"{meta_path}: adapters[{i}]") for i, e in enumerate(meta["adapters"])]
+        dtype = meta.get("dtype", "float32")
+        want = {f"{s.name}.{key}" for s in slots for key in _TENSOR_KEYS}
+        odd = sorted(want ^ set(tensors))
+        if odd:
+            what = "missing tensor" if odd[0] in want else "unexpected tensor"
+            raise ValueError(
+                f"{tensor_path}: {what} {odd[0]!r}; a bank holds <slot>.U, .V and .sigma of the slots in {META_NAME}"
+            )
+        for name, t in tensors.items():
+            if t.dtype != _DTYPES[dtype]:
+                got = str(t.dtype).removeprefix("torch.")
+                raise ValueError(f"{tensor_path}: tensor {name!r} has dtype {got}; {META_NAME} says {dtype}")
+        bad = first_non_finite(tensors.items())
+        if bad is not None:
+            raise ValueError(f"{tensor_path}: tensor {bad!r} has NaN or Inf values; the bank is corrupt")
         bank = cls(
             method=meta["method"],
             rank=meta["rank"],
@@ -297,13 +332,19 @@ class Bank:
             base_model_name_or_path=meta.get("base_model_name_or_path"),
             target_modules=meta.get("target_modules", []),
             history=meta.get("history", {}),
-            dtype=meta.get("dtype", "float32"),
+            dtype=dtype,
         )
         bank.check()
         return bank
 
     def check(self) -> None:
-        """Raise ValueError unless every tensor has the shape the metadata implies."""
+        """Raise ValueError unless names are unique and every tensor has the shape the metadata implies."""
+        for what, names in (("slot", [s.name for s in self.slots]), ("adapter", self.names)):
+            seen: set[str] = set()
+            for name in names:
+                if name in seen:
+                    raise ValueError(f"the bank lists {what} {name!r} twice; {what} names must be unique")
+                seen.add(name)
         K, n, r = self.num_clusters, len(self.entries), self.rank
         for s in self.slots:
             want = {
@@ -315,9 +356,13 @@ class Bank:
                 got = tuple(getattr(self, key)[s.name].shape)
                 if got != shape:
                     raise ValueError(f"bank tensor {s.name}.{key} has shape {got}, expected {shape}")
+        slot_names = {s.name for s in self.slots}
         for i, e in enumerate(self.entries):
             if e.index != i or not 0 <= e.cluster < K:
                 raise ValueError(f"bank entry {e.name!r} has index {e.index} / cluster {e.cluster}; expected {i} / [0, {K})")
+            extra = sorted(set(e.slots) - slot_names)
+            if extra:
+                raise ValueError(f"bank entry {e.name!r} adapts slot {extra[0]!r}, which the bank has no basis for")
 
 
 def _sha256(path: Path) -> str:
@@ -330,3 +375,86 @@ def _sha256(path: Path) -> str:
 
 def _preview(names: list[str], k: int = 5) -> str:
     return ", ".join(names[:k]) + (", ..." if len(names) > k else "")
+
+
+# ------------------------------------------------------------------------- safe writes
+
+
+def _backup(target: Path) -> Path:
+    return target.parent / f".{target.name}{BACKUP_SUFFIX}"
+
+
+def _swap(new: Path, target: Path) -> None:
+    """Replace the bank at `target` by `new`; at every instant a bank is at `target` or in its backup."""
+    backup = _backup(target)
+    os.replace(target, backup)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(backup, target)  # if this fails too, `recover` puts the old bank back later
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def recover(bank_dir: str | os.PathLike) -> None:
+    """Finish an overwrite killed mid-swap: restore the old bank from its backup, or drop a stale backup."""
+    target = Path(os.path.abspath(bank_dir))
+    backup = _backup(target)
+    if len(os.fsencode(backup.name)) > 255 or not backup.is_dir():
+        return
+    if not target.exists() and not target.is_symlink():
+        if (backup / META_NAME).is_file():
+            os.replace(backup, target)
+    elif (target / META_NAME).is_file():  # the new bank is in place: the backup is the old one
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def check_output(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raise ValueError unless a bank may be written at `out_dir`: a new path, or an existing bank to overwrite."""
+    target = Path(os.path.abspath(out_dir))
+    check_output_name(target)
+    recover(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if not overwrite:
+        raise ValueError(f"output directory already exists: {out_dir} (pass --overwrite to replace it, if it is a bank)")
+    if not (target.is_dir() and (target / META_NAME).is_file()):
+        raise ValueError(
+            f"refusing to overwrite {out_dir}: it is not a kilolora bank (no {META_NAME}); overwrite only replaces a bank"
+        )
+
+
+def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """The name of the first tensor with a NaN or Inf, or None."""
+    return next((name for name, t in named if not torch.isfinite(t).all()), None)
+
+
+# -------------------------------------------------------------------- bank.json fields
+
+_META_FIELDS = {
+    "method": str,
+    "rank": int,
+    "slots": list,
+    "adapters": list,
+    "dtype": str,
+    "base_model_name_or_path": str | None,
+    "target_modules": list[str],
+    "history": dict,
+}
+_REQUIRED = ("method", "rank", "slots", "adapters")
+
+
+def _check_meta(meta: dict, where: Path) -> None:
+    for name in _REQUIRED:
+        if name not in meta:
+            raise ValueError(f"{where}: missing field {name!r}")
+    for name, hint in _META_FIELDS.items():
+        if name in meta and not matches(meta[name], hint):
+            raise ValueError(f"{where}: {name} must be {describe(hint)}; got {short(meta[name])}")
+    if meta["method"] not in jd.METHODS:
+        raise ValueError(f"{where}: method must be one of {', '.join(jd.METHODS)}; got {meta['method']!r}")
+    if meta["rank"] < 1:
+        raise ValueError(f"{where}: rank must be >= 1; got {meta['rank']}")
+    dtype = meta.get("dtype", "float32")
+    if dtype not in _DTYPES:
+        raise ValueError(f"{where}: dtype must be one of {', '.join(_DTYPES)}; got {dtype!r}")

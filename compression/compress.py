@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import jd
-from .bank import Bank, BankEntry
+from .bank import Bank, BankEntry, first_non_finite
 from .peft_io import Collection
 
 Progress = Callable[[str, int, int], None]
@@ -99,8 +99,13 @@ def compress(collection: Collection, cfg: CompressConfig | None = None, progress
 
     dtypes = {a.dtype for a in collection.adapters}
     dtype = cfg.dtype if cfg.dtype is not None else (str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32")
+    stored = getattr(torch, dtype)
+    bad = first_non_finite((f"{s}.{key}", t[s].to(stored)) for s in U for key, t in (("U", U), ("V", V), ("sigma", sigma)))
+    if bad is not None:
+        hint = "; values beyond float16's range: store float32 (--dtype float32)" if dtype == "float16" else ""
+        raise ValueError(f"the fit produced NaN or Inf values in bank tensor {bad} (as {dtype}){hint}")
     if dtype != "float32":  # report the error of what is stored, rounding included
-        errors = _stored_errors(factors, assign, U, V, sigma, getattr(torch, dtype))
+        errors = _stored_errors(factors, assign, U, V, sigma, stored)
     rel = (errors / total_norm.clamp_min(1e-30)).sqrt()
     rel[total_norm == 0] = 0.0
     entries = [

@@ -37,6 +37,19 @@ _B_SUFFIX = ".lora_B.weight"
 _PEFT_PREFIX = "base_model.model."
 PEFT_DEFAULT_ALPHA = 8
 """peft.LoraConfig's default lora_alpha, which applies when a config file omits it."""
+PEFT_DEFAULT_R = 8
+"""peft.LoraConfig's default r, which applies when a config file omits it."""
+MAX_CONFIG_BYTES = 1 << 20
+"""A larger adapter_config.json is refused unread (peft writes a few kB)."""
+MAX_RANK = 1 << 16
+MAX_ALPHA = 1e6
+"""`r` and `lora_alpha` (and their `rank_pattern` / `alpha_pattern` values) above these are refused."""
+MAX_NORM = 2.0**50
+"""Bound on ‖lora_A‖_F, ‖lora_B‖_F (scaled) and their product, which bounds every |ΔW_ij|: the
+fit squares ΔW and sums the squares over a collection, and that must stay finite in float32."""
+MAX_NAME_BYTES = 230
+"""Longest output directory name: 255 (the usual file system limit) less room for the hidden
+temporary and backup names written beside it."""
 
 
 @dataclass(frozen=True)
@@ -120,9 +133,16 @@ def _read_config(path: Path) -> dict:
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
         raise ValueError(f"{path}: not a PEFT adapter directory (no {CONFIG_NAME})")
+    size = cfg_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:  # stat first: never read an unbounded file
+        raise ValueError(f"{cfg_path}: {size} bytes; an {CONFIG_NAME} may have at most {MAX_CONFIG_BYTES} (1 MiB)")
+    with open(cfg_path, "rb") as f:
+        raw = f.read(MAX_CONFIG_BYTES + 1)  # the file may have grown since the stat
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ValueError(f"{cfg_path}: more than {MAX_CONFIG_BYTES} bytes; an {CONFIG_NAME} may have at most 1 MiB")
     try:
-        config = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        config = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{cfg_path}: invalid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
@@ -131,7 +151,71 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{cfg_path}: peft_type is {peft_type!r}; only LORA adapters are supported")
     if config.get("use_dora"):
         raise ValueError(f"{cfg_path}: DoRA adapters (use_dora=true) are not supported")
+    _check_config(config, cfg_path)
     return config
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_rank(value, field: str, where) -> None:
+    if not _is_int(value) or not 1 <= value <= MAX_RANK:
+        raise ValueError(f"{where}: {field} must be an integer in [1, {MAX_RANK}]; got {value!r}")
+
+
+def _check_alpha(value, field: str, where) -> None:
+    # `not 0 < x` also refuses NaN; json.loads reads Infinity and NaN as floats.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_ALPHA:
+        raise ValueError(f"{where}: {field} must be a number in (0, {MAX_ALPHA:g}]; got {value!r}")
+
+
+def _check_config(config: dict, where: Path) -> None:
+    """Refuse values the loader would turn into wrong, non-finite or unusable adapters."""
+    _check_rank(config.get("r", PEFT_DEFAULT_R), "r", where)
+    _check_alpha(config.get("lora_alpha", PEFT_DEFAULT_ALPHA), "lora_alpha", where)
+    for field, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+        patterns = config.get(field)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise ValueError(f"{where}: {field} must be an object (module pattern -> value); got {patterns!r}")
+        for key, value in patterns.items():
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"{where}: {field} key {key!r} is not a valid regular expression ({e})") from None
+            check(value, f"{field}[{key!r}]", where)
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{where}: use_rslora must be true or false; got {config['use_rslora']!r}")
+    tokens = config.get("alora_invocation_tokens")
+    if tokens is not None and not (isinstance(tokens, list) and all(_is_int(t) and t >= 0 for t in tokens)):
+        raise ValueError(f"{where}: alora_invocation_tokens must be a list of token ids (integers >= 0); got {tokens!r}")
+    targets = config.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+        isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+    ):
+        raise ValueError(f"{where}: target_modules must be a string or a list of strings; got {targets!r}")
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"{where}: base_model_name_or_path must be a string; got {base!r}")
+
+
+def _check_magnitudes(where: Path, slot: str, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype) -> None:
+    """Refuse factors whose ΔW = b @ a could overflow: |ΔW_ij| <= ‖ΔW‖_F <= ‖a‖_F ‖b‖_F (Cauchy–Schwarz).
+
+    `b` is scaled. The bound is the range of `dtype`, the dtype the weights are stored and
+    served in (float16: 65504), or MAX_NORM, whichever is smaller; norms are taken in float64
+    so that the check itself cannot overflow.
+    """
+    limit = min(torch.finfo(dtype).max, MAX_NORM)
+    na, nb = float(torch.linalg.vector_norm(a.double())), float(torch.linalg.vector_norm(b.double()))
+    if not max(na, nb, na * nb) <= limit:  # NaN and inf fail too
+        raise ValueError(
+            f"{where}: slot {slot!r}: ‖lora_A‖_F = {na:.3g} and ‖lora_B‖_F × scaling ({scaling:.3g}) = {nb:.3g}, "
+            f"so ΔW = lora_B @ lora_A could overflow {str(dtype).removeprefix('torch.')}; each norm and their "
+            f"product must be at most {limit:.3g}"
+        )
 
 
 def load_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapter:
@@ -169,6 +253,8 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
                 f"{weights}: unsupported tensor {key!r}; only lora_A/lora_B weights of linear "
                 "layers are supported (no embeddings, DoRA magnitudes, biases or modules_to_save)"
             )
+        if not t.is_floating_point():
+            raise ValueError(f"{weights}: tensor {key!r} has non-float weights ({t.dtype})")
     if not lora_A:
         raise ValueError(f"{weights}: no LoRA weights found")
     if set(lora_A) != set(lora_B):
@@ -183,13 +269,24 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
                 f"{weights}: slot {slot!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
                 "expected (r, in_features) and (out_features, r)"
             )
-        if not a.is_floating_point() or not b.is_floating_point():
-            raise ValueError(f"{weights}: slot {slot!r} has non-float weights ({a.dtype})")
+        # peft scales by the configured rank, not the tensors': they must agree.
+        pattern_r = _pattern_value(config.get("rank_pattern"), slot, None)
+        want = pattern_r if pattern_r is not None else config.get("r", PEFT_DEFAULT_R)
+        if a.shape[0] != want:
+            field = "rank_pattern" if pattern_r is not None else "r" if "r" in config else "r (peft's default)"
+            raise ValueError(
+                f"{weights}: slot {slot!r} has rank {a.shape[0]} (lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}) "
+                f"but {CONFIG_NAME} gives it {field} = {want}"
+            )
+        narrowest = min((dtype, a.dtype, b.dtype), key=lambda d: torch.finfo(d).max)
         a, b = a.float(), b.float()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValueError(f"{weights}: slot {slot!r} has NaN or Inf weights")
+        scaling = lora_scaling(config, slot, a.shape[0])
+        b = b * scaling
+        _check_magnitudes(weights, slot, a, b, scaling, narrowest)
         lora_A[slot] = a
-        lora_B[slot] = b * lora_scaling(config, slot, a.shape[0])
+        lora_B[slot] = b
     return LoraAdapter(name or path.name, config, lora_A, lora_B, dtype=dtype, path=path)
 
 
@@ -208,7 +305,8 @@ def save_adapter(
     `lora_B` is stored divided by `lora_alpha / r`. Written to a temp dir, then renamed.
     """
     path = Path(path)
-    if path.exists():
+    check_output_name(path)
+    if path.exists() or path.is_symlink():
         raise ValueError(f"output directory already exists: {path}")
     ranks = {s: a.shape[0] for s, a in lora_A.items()}
     r = max(ranks.values())
@@ -237,6 +335,13 @@ def save_adapter(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def check_output_name(path: Path) -> None:
+    """Refuse an output name the file system would refuse once a temporary prefix is added."""
+    n = len(os.fsencode(path.name))
+    if n > MAX_NAME_BYTES:
+        raise ValueError(f"output name {path.name[:32]}... is {n} bytes long; at most {MAX_NAME_BYTES} are supported")
 
 
 def find_adapter_dirs(inputs: list[str]) -> list[Path]:
@@ -342,11 +447,17 @@ def _natural_key(s: str):
 
 def adapter_names(dirs: list[Path]) -> list[str]:
     """Directory names, or paths below the common parent where names repeat (`runs/*/adapter`)."""
+    seen: dict[Path, Path] = {}
+    for d in dirs:
+        if d.resolve() in seen:
+            raise ValueError(f"adapter directory {d} is given twice (also as {seen[d.resolve()]})")
+        seen[d.resolve()] = d
     names = [d.name for d in dirs]
     if len(set(names)) == len(names):
         return names
     root = Path(os.path.commonpath([d.resolve() for d in dirs]))
-    return [d.resolve().relative_to(root).as_posix() or d.name for d in dirs]
+    rel = [d.resolve().relative_to(root) for d in dirs]
+    return [r.as_posix() if r != Path(".") else d.name for r, d in zip(rel, dirs)]
 
 
 def load_collection(inputs: list[str | os.PathLike], progress=None) -> Collection:

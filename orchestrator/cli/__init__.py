@@ -1,7 +1,8 @@
 """The `kilolora` command: a map from command names to plain functions.
 
 Each function's signature and docstring are its `--help` (see `_args.py`). Bad input raises
-ValueError inside a command; here it becomes one `kilolora: error: ...` line and exit code 1.
+ValueError inside a command (or OSError from the file system); here it becomes one
+`kilolora: error: ...` line and exit code 1.
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ def _one_line_warning(message, category, filename, lineno, line=None):
     return f"kilolora: warning: {message}\n"
 
 
+def _one_line(e: Exception) -> str:
+    if isinstance(e, KeyError) and e.args:  # str(KeyError) quotes its message
+        return str(e.args[0])
+    if isinstance(e, OSError) and e.strerror:  # "[Errno 36] File name too long: '...'" -> "PATH: File name too long"
+        paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+        return f"{' -> '.join(paths)}: {e.strerror}" if paths else e.strerror
+    return " ".join(str(e).split("\n"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
@@ -71,9 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                   if p.kind is inspect.Parameter.POSITIONAL_ONLY]
     try:
         fn(*positional, **args)
-    except (ValueError, KeyError, FileNotFoundError, ServerError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"kilolora: error: {msg}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, ServerError) as e:
+        print(f"kilolora: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("kilolora: interrupted", file=sys.stderr)

@@ -51,14 +51,16 @@ def compress(
 
     Every adapted layer (slot) gets shared bases U (d_out×r), V (d_in×r) per cluster and each
     adapter a tiny core: ΔW_i ≈ U Σ_i Vᵀ ("Compress then Serve", ICML 2025). The bank is
-    written atomically: a failed run leaves no output directory behind.
+    written atomically: a failed or interrupted run leaves no output directory behind, and
+    --overwrite swaps the new bank in so that a bank is at OUT at every moment.
 
     Example:
       kilolora compress adapters/ -o bank/ --method jd-full --rank 16 --clusters 4
 
     Args:
       adapters: PEFT adapter directories, globs, or directories that contain adapter directories.
-      out: output bank directory (must not exist unless --overwrite).
+      out: output bank directory (must not exist unless --overwrite; never an input adapter directory,
+        one that contains one, or one inside one).
       method: jd-full (full r×r cores), jd-diag (diagonal cores) or svd (per-adapter truncation).
       rank: rank r of the shared bases.
       clusters: number of adapter clusters, each with its own bases (jd methods).
@@ -67,17 +69,19 @@ def compress(
       seed: random seed; the same seed gives the same bank.
       device: cpu or cuda (falls back to cpu, with a warning, without a GPU).
       dtype: dtype of the stored bank (default: the adapters' dtype).
-      overwrite: replace an existing output directory.
+      overwrite: replace OUT if it is an existing bank (a directory with bank.json); anything else
+        at OUT (a file, another directory) is refused, never deleted.
       json: print the summary as JSON on stdout.
     """
     from compression import CompressConfig, load_collection
     from compression import compress as compress_collection
+    from compression.bank import check_output
     from compression.peft_io import find_adapter_dirs
 
     out_path = Path(out)
-    if out_path.exists() and not overwrite:
-        raise ValueError(f"output directory already exists: {out} (pass --overwrite to replace it)")
+    check_output(out_path, overwrite)  # before the fit; also restores a bank an interrupted overwrite left aside
     dirs = find_adapter_dirs(adapters)
+    _refuse_inputs_at(out_path, dirs)
     cfg = CompressConfig(method, rank, clusters, iters, cluster_iters, seed=seed, device=device, dtype=dtype)
     t0 = time.perf_counter()
     with _progress() as bar:
@@ -94,6 +98,16 @@ def compress(
     bank.save(out_path, overwrite=overwrite)
     seconds = time.perf_counter() - t0
     _print_summary(bank, out_path, seconds, json)
+
+
+def _refuse_inputs_at(out: Path, dirs: list[Path]) -> None:
+    """-o must not be, contain or lie inside an input adapter directory: --overwrite would delete it."""
+    target = out.resolve()
+    for d in dirs:
+        src = d.resolve()
+        if target == src or target in src.parents or src in target.parents:
+            relation = "is" if target == src else "contains" if target in src.parents else "is inside"
+            raise ValueError(f"-o {out} {relation} the input adapter directory {d}; write the bank elsewhere")
 
 
 def bank_info(bank_dir: str, json: bool = False, top: int = 10) -> None:

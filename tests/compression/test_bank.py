@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -249,3 +250,198 @@ def test_peft_roundtrip_at_full_rank(tiny_llama_dir, tmp_path):
     # The activated adapter leaves the tokens before its invocation untouched, exported or not.
     restored = peft_logits(tiny_llama_dir, tmp_path / "exported" / "activated", ids)
     torch.testing.assert_close(restored[:, :4], base[:, :4])
+
+
+# ------------------------------------------------------------------ hardening: values, fields, swaps
+
+
+def small_bank(tmp_path, name="bank", rank=4) -> Bank:
+    col, _ = planted_collection(PlantedSpec(n=4, slots=(("q_proj", 16, 16),), layers=1, r=2, shared_rank=2, groups=2))
+    bank = compress(col, CompressConfig(rank=rank))
+    bank.save(tmp_path / name)
+    return bank
+
+
+def _rewrite_sha(bank_dir):
+    from compression.bank import _sha256
+
+    meta = json.loads((bank_dir / "bank.json").read_text())
+    meta["tensors_sha256"] = _sha256(bank_dir / "bank.safetensors")
+    (bank_dir / "bank.json").write_text(json.dumps(meta))
+
+
+def test_load_refuses_nan_even_when_the_sha_matches(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    small_bank(tmp_path)
+    f = tmp_path / "bank" / "bank.safetensors"
+    tensors = load_file(str(f))
+    key = next(k for k in tensors if k.endswith(".sigma"))
+    tensors[key][1, 0, 0] = float("nan")
+    save_file(tensors, str(f), metadata={"format": "kilolora.bank"})
+    _rewrite_sha(tmp_path / "bank")
+    with pytest.raises(ValueError, match=rf"tensor '{key}' has NaN or Inf values"):
+        Bank.load(tmp_path / "bank")
+
+
+def test_compress_and_save_refuse_non_finite_tensors(tmp_path, monkeypatch):
+    from compression import jd
+
+    col, _ = planted_collection(PlantedSpec(n=4, slots=(("q_proj", 16, 16),), layers=1, r=2, shared_rank=2, groups=2))
+    fit = jd.FITS["jd-full"]
+
+    def nan_fit(*args, **kw):
+        out = fit(*args, **kw)
+        out.sigma[0, 0, 0] = float("nan")
+        return out
+
+    monkeypatch.setitem(jd.FITS, "jd-full", nan_fit)
+    with pytest.raises(ValueError, match=r"the fit produced NaN or Inf values in bank tensor .*q_proj\.sigma \(as float32\)"):
+        compress(col, CompressConfig(rank=2))
+    monkeypatch.undo()
+
+    # Finite in float32, beyond float16's range (65504) once stored: refused before anything is written.
+    big = Collection([LoraAdapter(a.name, a.config, {s: 1000 * x for s, x in a.lora_A.items()},
+                                  {s: 1000 * x for s, x in a.lora_B.items()}) for a in col.adapters])
+    assert max(float(big.adapters[0].delta(s).abs().max()) for s in big.adapters[0].lora_A) > 65504
+    with pytest.raises(ValueError, match=r"NaN or Inf values in bank tensor .*\(as float16\); values beyond float16's range"):
+        compress(big, CompressConfig(rank=2, dtype="float16"))
+    bank = compress(big, CompressConfig(rank=2))
+    bank.dtype = "float16"
+    with pytest.raises(ValueError, match=r"bank tensor .* has NaN or Inf values \(as float16\); nothing was written"):
+        bank.save(tmp_path / "half")
+    assert not list(tmp_path.iterdir())
+
+
+def _meta_edit(edit):
+    def apply(meta):
+        edit(meta)
+        return meta
+
+    return apply
+
+
+BAD_META = {
+    "a list": (lambda meta: [meta], r"bank\.json: expected a JSON object, got a list"),
+    "no slots": (_meta_edit(lambda m: m.pop("slots")), r"bank\.json: missing field 'slots'"),
+    "rank a string": (_meta_edit(lambda m: m.update(rank="4")), r"bank\.json: rank must be an integer; got \"4\""),
+    "dtype float64": (_meta_edit(lambda m: m.update(dtype="float64")),
+                      r"bank\.json: dtype must be one of float32, float16, bfloat16; got 'float64'"),
+    "method pca": (_meta_edit(lambda m: m.update(method="pca")), r"method must be one of jd-full, jd-diag, svd; got 'pca'"),
+    "unknown entry field": (_meta_edit(lambda m: m["adapters"][1].update(colour="red")),
+                            r"bank\.json: adapters\[1\]: unknown field 'colour'; expected name, index, cluster"),
+    "missing entry field": (_meta_edit(lambda m: m["adapters"][2].pop("r")), r"bank\.json: adapters\[2\]: missing field 'r'"),
+    "entry index a string": (_meta_edit(lambda m: m["adapters"][0].update(index="0")),
+                             r"adapters\[0\]: index must be an integer; got \"0\""),
+    "entry slots": (_meta_edit(lambda m: m["adapters"][0].update(slots="q_proj")),
+                    r"adapters\[0\]: slots must be a list of strings; got \"q_proj\""),
+    "entry not an object": (_meta_edit(lambda m: m["adapters"].__setitem__(0, 7)), r"adapters\[0\]: expected an object, got a number"),
+    "slot field": (_meta_edit(lambda m: m["slots"][0].update(in_features=16.5)), r"slots\[0\]: in_features must be an integer; got 16.5"),
+    "unknown slot in entry": (_meta_edit(lambda m: m["adapters"][0]["slots"].append("nowhere")),
+                              r"bank entry 'a000' adapts slot 'nowhere', which the bank has no basis for"),
+    "duplicate names": (_meta_edit(lambda m: m["adapters"][3].update(name="a001")),
+                        r"the bank lists adapter 'a001' twice; adapter names must be unique"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_META)
+def test_bank_json_fields_are_checked_by_name(tmp_path, case):
+    edit, message = BAD_META[case]
+    small_bank(tmp_path)
+    meta_path = tmp_path / "bank" / "bank.json"
+    meta_path.write_text(json.dumps(edit(json.loads(meta_path.read_text()))))
+    with pytest.raises(ValueError, match=message):
+        Bank.load(tmp_path / "bank")
+
+
+def test_bank_tensors_must_match_bank_json(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    small_bank(tmp_path)
+    f = tmp_path / "bank" / "bank.safetensors"
+    tensors = load_file(str(f))
+    save_file({**tensors, "extra.U": torch.zeros(1)}, str(f))
+    _rewrite_sha(tmp_path / "bank")
+    with pytest.raises(ValueError, match=r"unexpected tensor 'extra\.U'"):
+        Bank.load(tmp_path / "bank")
+    save_file({k: v.double() for k, v in tensors.items()}, str(f))
+    _rewrite_sha(tmp_path / "bank")
+    with pytest.raises(ValueError, match=r"has dtype float64; bank\.json says float32"):
+        Bank.load(tmp_path / "bank")
+
+
+def test_overwrite_replaces_only_a_bank(tmp_path):
+    bank = small_bank(tmp_path)
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "keep.txt").write_text("mine")
+    for target in ("file", "dir"):
+        with pytest.raises(ValueError, match=rf"refusing to overwrite .*{target}: it is not a kilolora bank"):
+            bank.save(tmp_path / target, overwrite=True)
+    assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "dir" / "keep.txt").read_text() == "mine"
+    other = small_bank(tmp_path, "other", rank=2)
+    other.save(tmp_path / "bank", overwrite=True)
+    assert Bank.load(tmp_path / "bank").rank == 2 != bank.rank
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_overwrite_killed_between_the_renames_leaves_a_bank(tmp_path, monkeypatch):
+    small_bank(tmp_path, rank=4)
+    new = small_bank(tmp_path, "new", rank=2)
+    calls = []
+
+    def dies_after_the_first(src, dst):  # the process "dies" after moving the old bank aside
+        calls.append((src, dst))
+        if len(calls) > 1:
+            raise OSError(5, "killed")
+        return real(src, dst)
+
+    real = os.replace
+    monkeypatch.setattr(os, "replace", dies_after_the_first)
+    monkeypatch.setattr(os, "rename", dies_after_the_first)
+    with pytest.raises(OSError, match="killed"):
+        new.save(tmp_path / "bank", overwrite=True)
+    monkeypatch.undo()
+    assert not (tmp_path / "bank").exists()  # the kill left the old bank in its backup ...
+    assert Bank.load(tmp_path / "bank").rank == 4  # ... and the next start puts it back
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir either
+    new.save(tmp_path / "bank", overwrite=True)
+    assert Bank.load(tmp_path / "bank").rank == 2
+
+
+def test_a_stale_backup_after_a_finished_swap_is_dropped(tmp_path):
+    import shutil
+
+    bank = small_bank(tmp_path)
+    shutil.copytree(tmp_path / "bank", tmp_path / ".bank.kilolora-old")  # killed before deleting the old bank
+    Bank.load(tmp_path / "bank")
+    assert not (tmp_path / ".bank.kilolora-old").exists()
+    shutil.copytree(tmp_path / "bank", tmp_path / ".bank.kilolora-old")
+    bank.save(tmp_path / "bank", overwrite=True)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupted_save_leaves_no_temp_dir_and_the_old_bank(tmp_path, monkeypatch):
+    import compression.bank
+
+    bank = small_bank(tmp_path)
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compression.bank, "save_file", interrupted)
+    for overwrite, target in ((True, "bank"), (False, "fresh")):
+        with pytest.raises(KeyboardInterrupt):
+            bank.save(tmp_path / target, overwrite=overwrite)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]
+    monkeypatch.undo()
+    assert Bank.load(tmp_path / "bank").names == bank.names
+
+
+def test_long_output_names_are_refused_before_writing(tmp_path):
+    bank = small_bank(tmp_path)
+    with pytest.raises(ValueError, match=r"output name a{32}\.\.\. is 300 bytes long; at most 230 are supported"):
+        bank.save(tmp_path / ("a" * 300))
+    with pytest.raises(ValueError, match="is 300 bytes long"):
+        bank.export("a000", tmp_path / ("a" * 300))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bank"]

@@ -184,3 +184,114 @@ def test_duplicate_names_rejected(good_adapter):
     a = load_adapter(good_adapter)
     with pytest.raises(ValueError, match="named 'good'"):
         Collection([a, a])
+
+
+# ---------------------------------------------------------- values that overflow, configs that lie
+
+
+def _set_config(adapter_dir, **changes):
+    path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+def _fill_lora_B(adapter_dir, value):
+    from safetensors.torch import load_file
+
+    f = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    tensors[key].fill_(value)
+    save_file(tensors, str(f))
+
+
+@pytest.mark.parametrize("value, alpha", [(1e38, 8), (1e38, 2), (1e20, 2)], ids=["inf-after-scaling", "product-overflows", "squares-overflow"])
+def test_weights_that_overflow_once_scaled_or_multiplied_are_refused(good_adapter, value, alpha):
+    # r = 2: alpha 8 scales lora_B by 4 (1e38 -> inf in float32), alpha 2 by 1 (finite, but ΔW = B A is not).
+    _set_config(good_adapter, lora_alpha=alpha)
+    _fill_lora_B(good_adapter, value)
+    with pytest.raises(ValueError, match=r"slot '.*': .*could overflow float32; each norm and their product must be at most"):
+        load_adapter(good_adapter)
+
+
+def test_float16_adapters_are_bounded_by_the_float16_range(tmp_path):
+    slot = "base_model.model.model.layers.0.self_attn.q_proj"
+    A, B = {slot: torch.full((2, 8), 16.0)}, {slot: torch.full((8, 2), 16.0)}  # |ΔW_ij| = 512: fits float16
+    save_adapter(tmp_path / "ok", A, B, {"target_modules": ["q_proj"]}, dtype=torch.float16)
+    assert load_adapter(tmp_path / "ok").delta(slot).abs().max() == 512
+    B = {slot: torch.full((8, 2), 4000.0)}  # finite in float16, but ΔW_ij = 128000 > 65504
+    save_adapter(tmp_path / "big", A, B, {"target_modules": ["q_proj"]}, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"could overflow float16; .* at most 6.55e\+04"):
+        load_adapter(tmp_path / "big")
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"lora_alpha": 1e308}, r"lora_alpha must be a number in \(0, 1e\+06\]; got 1e\+308"),
+        ({"lora_alpha": float("inf")}, r"lora_alpha must be a number .*; got inf"),
+        ({"lora_alpha": float("nan")}, r"lora_alpha must be a number .*; got nan"),
+        ({"lora_alpha": 0}, r"lora_alpha must be a number .*; got 0"),
+        ({"lora_alpha": -16}, r"lora_alpha must be a number .*; got -16"),
+        ({"lora_alpha": "16"}, r"lora_alpha must be a number .*; got '16'"),
+        ({"r": 0}, r"r must be an integer in \[1, 65536\]; got 0"),
+        ({"r": -2}, r"r must be an integer .*; got -2"),
+        ({"r": 2.5}, r"r must be an integer .*; got 2.5"),
+        ({"r": True}, r"r must be an integer .*; got True"),
+        ({"r": 10**12}, r"r must be an integer .*; got 1000000000000"),
+        ({"alpha_pattern": {"v_proj": float("inf")}}, r"alpha_pattern\['v_proj'\] must be a number .*; got inf"),
+        ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be an integer .*; got 0"),
+        ({"rank_pattern": ["q_proj"]}, r"rank_pattern must be an object"),
+        ({"alpha_pattern": {"(": 4}}, r"alpha_pattern key '\(' is not a valid regular expression"),
+        ({"use_rslora": "yes"}, r"use_rslora must be true or false; got 'yes'"),
+        ({"alora_invocation_tokens": ["5"]}, r"alora_invocation_tokens must be a list of token ids"),
+        ({"target_modules": 7}, r"target_modules must be a string or a list of strings; got 7"),
+    ],
+)
+def test_config_values_are_checked(good_adapter, changes, message):
+    _set_config(good_adapter, **changes)
+    with pytest.raises(ValueError, match=r"adapter_config\.json: " + message):
+        load_adapter(good_adapter)
+
+
+def test_config_rank_must_match_the_tensors(good_adapter, tmp_path):
+    _set_config(good_adapter, r=3)  # the tensors have rank 2
+    with pytest.raises(ValueError, match=r"slot '.*' has rank 2 \(lora_A \(2, 32\), lora_B \(.*, 2\)\) but adapter_config\.json gives it r = 3"):
+        load_adapter(good_adapter)
+    _set_config(good_adapter, r=2, rank_pattern={"q_proj": 4})
+    with pytest.raises(ValueError, match=r"q_proj' has rank 2 .* gives it rank_pattern = 4"):
+        load_adapter(good_adapter)
+    cfg = json.loads((good_adapter / "adapter_config.json").read_text())
+    del cfg["r"], cfg["rank_pattern"]
+    (good_adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"gives it r \(peft's default\) = 8"):
+        load_adapter(good_adapter)
+
+
+def test_rank_pattern_that_matches_the_tensors_loads(tiny_llama_dir, tmp_path):
+    make_peft_adapter(tiny_llama_dir, tmp_path / "rp", seed=8, r=2, rank_pattern={"q_proj": 5})
+    adapter = load_adapter(tmp_path / "rp")
+    assert {a.shape[0] for s, a in adapter.lora_A.items() if s.endswith("q_proj")} == {5}
+
+
+def test_config_file_is_bounded_and_an_object(good_adapter):
+    cfg_path = good_adapter / "adapter_config.json"
+    cfg_path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object, got list"):
+        load_adapter(good_adapter)
+    cfg_path.write_text("[" * 100_000)  # nesting deeper than the parser's recursion limit
+    with pytest.raises(ValueError, match="invalid JSON"):
+        load_adapter(good_adapter)
+    with open(cfg_path, "wb") as f:  # 64 MiB, sparse: refused from its size, never read
+        f.truncate(64 << 20)
+    with pytest.raises(ValueError, match=r"67108864 bytes; an adapter_config\.json may have at most 1048576 \(1 MiB\)"):
+        load_adapter(good_adapter)
+
+
+def test_the_same_directory_twice_is_refused(good_adapter, tmp_path):
+    with pytest.raises(ValueError, match=r"good is given twice"):
+        load_collection([good_adapter, tmp_path / "." / "good"])
+    shutil.copytree(good_adapter, good_adapter / "good")  # an adapter directory inside one of the same name
+    with pytest.raises(ValueError, match=r"two adapters are named 'good'"):
+        load_collection([good_adapter, good_adapter / "good"])

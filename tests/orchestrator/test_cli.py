@@ -147,8 +147,12 @@ def test_existing_output_is_not_overwritten_without_flag(tmp_path):
     proc = kilolora("compress", tmp_path / "in", "-o", tmp_path / "bank", check=False)
     assert proc.returncode == 1 and "--overwrite" in proc.stderr
     assert (tmp_path / "bank" / "keep.txt").read_text() == "mine"
-    kilolora("compress", tmp_path / "in", "-o", tmp_path / "bank", "--rank", 4, "--overwrite")
-    assert not (tmp_path / "bank" / "keep.txt").exists() and Bank.load(tmp_path / "bank").names
+    proc = kilolora("compress", tmp_path / "in", "-o", tmp_path / "bank", "--rank", 4, "--overwrite", check=False)
+    assert proc.returncode == 1 and "not a kilolora bank" in proc.stderr  # --overwrite replaces banks only
+    assert (tmp_path / "bank" / "keep.txt").read_text() == "mine"
+    kilolora("compress", tmp_path / "in", "-o", tmp_path / "bank2", "--rank", 4)
+    kilolora("compress", tmp_path / "in", "-o", tmp_path / "bank2", "--rank", 2, "--overwrite")
+    assert Bank.load(tmp_path / "bank2").rank == 2
 
 
 def test_bank_errors(tmp_path):
