@@ -1,7 +1,7 @@
 """Decode throughput of a batch of 64 with N distinct adapters, beside base-only, and beside peft.
 
-For each N (adapters resident; each of the 64 sequences draws its adapter uniformly from them, so
-N >= 64 means 64 distinct adapters in every step) the same engine decodes:
+For each N (adapters resident; each of the `--batch` (64) sequences draws its adapter uniformly from
+them, so N >> 64 means about 64 distinct adapters in every step) the same engine decodes:
   - `base`:        no adapter on any token (the comparator: every ratio is to this, same run);
   - `bank K=1/8`:  adapters as entries of a JD-Full bank with 1 or 8 clusters (rank `--bank-rank`);
   - `dense`:       uncompressed LoRAs of rank `--rank` on all 7 projections (BGMV-style gather),
@@ -9,13 +9,16 @@ N >= 64 means 64 distinct adapters in every step) the same engine decodes:
 Beside it, `transformers` + `peft` with N adapters (N <= `--peft-max`), mixed in one batch via
 `generate(adapter_names=...)`, against the same HF model without adapters.
 
-Correctness first: the engine's base greedy tokens must equal transformers', and a bank entry
-must score like the dense adapter exported from it. Weights are random (throughput does not
-depend on them); the model defaults to the embedded world's size (Llama, hidden 256, 4 layers).
+Correctness first, in float32 on `--device` whatever `--dtype` is timed: the engine's base greedy
+tokens must equal transformers', and a bank entry must score like the dense adapter exported
+from it. Weights are random (throughput does not depend on them); the model defaults to the
+embedded world's size (Llama, hidden 256, 4 layers). On CUDA every timed step is bracketed by
+torch.cuda.synchronize(), and a warm-up per N compiles the Triton kernels before any timing.
 
     python benchmarks/bench_serving.py --n 1 8 64 --steps 16          # quick
     python benchmarks/bench_serving.py                                # full: N = 1 8 64 512 1000
-    python benchmarks/bench_serving.py --hidden 512 --layers 8 --device cuda
+    python benchmarks/bench_serving.py --device cuda --dtype bfloat16 --hidden 4096 --intermediate 14336 \
+        --heads 32 --kv-heads 8 --layers 2 --batch 256 --rank 16 --bank-rank 16 --n 1 64 1000   # 7B-like
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from compression.peft_io import LoraAdapter, SlotInfo  # noqa: E402
 from serving import Engine, SamplingParams  # noqa: E402
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BATCH = 64
 
 
 def make_model(path: Path, a) -> None:
@@ -50,7 +52,15 @@ def make_model(path: Path, a) -> None:
     cfg = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
                       num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
                       max_position_embeddings=4096)
-    LlamaForCausalLM(cfg).save_pretrained(path)
+    # initialised on the device (10^9 normals at 7B shapes) and saved in the timed dtype (half the
+    # bytes to write and load); the default CPU fp32 model is unchanged
+    with torch.device(a.device):
+        LlamaForCausalLM(cfg).to(getattr(torch, a.dtype)).save_pretrained(path)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def slots(engine: Engine) -> list[SlotInfo]:
@@ -78,9 +88,11 @@ def random_bank(engine: Engine, n: int, clusters: int, rank: int, seed: int) -> 
 
 
 def random_dense(engine: Engine, i: int, rank: int) -> LoraAdapter:
-    g = torch.Generator().manual_seed(10_000 + i)
-    A = {s.name: torch.randn(rank, s.in_features, generator=g) * 0.02 for s in slots(engine)}
-    B = {s.name: torch.randn(s.out_features, rank, generator=g) * 0.02 for s in slots(engine)}
+    # drawn on the engine's device: 1000 rank-16 adapters at 7B shapes are 10^9 normals
+    dev = engine.registry.device
+    g = torch.Generator(device=dev).manual_seed(10_000 + i)
+    A = {s.name: torch.randn(rank, s.in_features, generator=g, device=dev) * 0.02 for s in slots(engine)}
+    B = {s.name: torch.randn(s.out_features, rank, generator=g, device=dev) * 0.02 for s in slots(engine)}
     return LoraAdapter(f"dense{i:04d}", {"r": rank, "lora_alpha": rank, "target_modules": list(MODULES)}, A, B)
 
 
@@ -94,10 +106,13 @@ def decode(runs: dict[str, tuple[Engine, list[str | None]]], prompts: list[list[
             engine.submit(s, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
         engine.step()  # prefill of the whole batch (+ first token)
     times: dict[str, list[float]] = {k: [] for k in runs}
+    device = str(next(iter(runs.values()))[0].registry.device)
     for _ in range(steps):
         for k, (engine, _) in runs.items():
+            sync(device)
             t0 = time.perf_counter()
             engine.step()
+            sync(device)
             times[k].append(time.perf_counter() - t0)
     out = {}
     for k, (engine, _) in runs.items():
@@ -113,27 +128,33 @@ def hf_decode(model, ids: torch.Tensor, steps: int, adapter_names=None) -> float
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     if adapter_names is not None:
         kw["adapter_names"] = adapter_names
+    device = str(ids.device)
     with torch.no_grad():
+        sync(device)
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=1, **kw)
+        sync(device)
         t1 = time.perf_counter()
         model.generate(ids, max_new_tokens=steps + 1, min_new_tokens=steps + 1, **kw)
+        sync(device)
         t2 = time.perf_counter()
     return ids.shape[0] * steps / max((t2 - t1) - (t1 - t0), 1e-9)
 
 
-def check_correctness(engine: Engine, model_dir: Path, a) -> None:
+def check_correctness(model_dir: Path, a) -> None:
+    """In float32 on the device: a bf16 greedy could flip near-ties of a random model's argmax."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).to(a.device, torch.float32).eval()
     prompt = list(range(1, 20))
-    want = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, pad_token_id=0,
+    want = hf.generate(torch.tensor([prompt], device=a.device), max_new_tokens=8, do_sample=False, pad_token_id=0,
                        eos_token_id=None)[0, len(prompt):].tolist()
-    got = engine.generate([prompt], params=SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
+    del hf
+    check = Engine.from_pretrained(model_dir, kv_cache_tokens=1024, device=a.device, dtype=torch.float32)
+    got = check.generate([prompt], params=SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
     if got != want:
         raise SystemExit(f"correctness check failed: engine greedy {got} != transformers {want}")
-    bank = random_bank(engine, 4, 2, a.bank_rank, a.seed)
-    check = Engine.from_pretrained(model_dir, kv_cache_tokens=1024, device=a.device)
+    bank = random_bank(check, 4, 2, a.bank_rank, a.seed)
     check.load_bank(bank, prefix="b/")
     for e in bank.entries:
         A, B = bank.factors(e.name)
@@ -144,11 +165,15 @@ def check_correctness(engine: Engine, model_dir: Path, a) -> None:
         if not torch.allclose(x, y, atol=1e-4):
             raise SystemExit(f"correctness check failed: bank entry {e.name} scores {x} vs dense {y}")
     print("correctness: engine greedy == transformers; bank entries == their dense export")
+    del check
+    if a.device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, nargs="+", default=[1, 8, 64, 512, 1000], help="distinct adapters resident")
+    ap.add_argument("--batch", type=int, default=64, help="sequences decoding together")
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5, help="runs per configuration; the median is reported")
@@ -163,28 +188,30 @@ def main() -> None:
     ap.add_argument("--dense-max-gb", type=float, default=4.0, help="skip dense runs above this much adapter memory")
     ap.add_argument("--peft-max", type=int, default=64, help="largest N run through peft (loading is slow)")
     ap.add_argument("--no-peft", action="store_true")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", help="also write the results here (rewritten after each N)")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: torch {torch.__version__} sees no CUDA device")
 
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, device {a.device}"
-          + (f" ({torch.cuda.get_device_name()})" if a.device == "cuda" else ""))
+          + (f" ({torch.cuda.get_device_name()})" if a.device.startswith("cuda") else ""))
     print(f"model: llama hidden {a.hidden}, {a.layers} layers, heads {a.heads}/{a.kv_heads}, inter {a.intermediate}, "
-          f"vocab {a.vocab}, {a.dtype}; batch {BATCH}, prompt {a.prompt_len}, {a.steps} decode steps, "
+          f"vocab {a.vocab}, {a.dtype}; batch {a.batch}, prompt {a.prompt_len}, {a.steps} decode steps, "
           f"dense rank {a.rank}, bank rank {a.bank_rank}, median of {a.repeats}")
     tmp = Path(tempfile.mkdtemp(prefix="bench_serving_"))
     make_model(tmp / "model", a)
-    kw = dict(kv_cache_tokens=BATCH * (a.prompt_len + a.steps + 8) * 2, max_batch_tokens=BATCH * a.prompt_len,
+    kw = dict(kv_cache_tokens=a.batch * (a.prompt_len + a.steps + 8) * 2, max_batch_tokens=a.batch * a.prompt_len,
               dtype=dtype, device=a.device)
+    check_correctness(tmp / "model", a)
     engine = Engine.from_pretrained(tmp / "model", **kw)
-    check_correctness(engine, tmp / "model", a)
 
     g = torch.Generator().manual_seed(a.seed)
-    prompts = [torch.randint(1, a.vocab, (a.prompt_len,), generator=g).tolist() for _ in range(BATCH)]
+    prompts = [torch.randint(1, a.vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.batch)]
     nmax = max(a.n)
     per_dense = sum(a.rank * (s.in_features + s.out_features) for s in slots(engine)) * dtype.itemsize
     engines = {"base": engine}
@@ -201,8 +228,8 @@ def main() -> None:
 
     rows = []
     for n in a.n:
-        pick = torch.randint(0, n, (BATCH,), generator=g).tolist()
-        names = {"base": [None] * BATCH, "bank K=1": [f"bank{i:04d}" for i in pick],
+        pick = torch.randint(0, n, (a.batch,), generator=g).tolist()
+        names = {"base": [None] * a.batch, "bank K=1": [f"bank{i:04d}" for i in pick],
                  "bank K=8": [f"bank{i:04d}" for i in pick], "dense": [f"dense{i:04d}" for i in pick]}
         runs = {k: (e, names[k]) for k, e in engines.items() if not (k == "dense" and n > n_dense)}
         results: dict[str, list] = {k: [] for k in engines}
@@ -217,22 +244,28 @@ def main() -> None:
                 rows.append({"n": n, "config": k, "tok_s": tps, "step_ms": statistics.median(r[1] for r in rs),
                              "ratio": tps / base_tps, "distinct": len(set(pick)) if k != "base" else 0})
         print_rows(rows[-len([r for r in results.values() if r]):])
+        write_json(a, rows)  # a run cut short by a timeout still leaves the N done so far
 
-    peft_rows = [] if a.no_peft else run_peft(tmp / "model", prompts, a, g)
-    print("\n== decode throughput, batch 64 (ratio = tokens/s over the same stack's base-only tokens/s) ==")
+    peft_rows = [] if a.no_peft else run_peft(tmp / "model", prompts, a, g, rows)
+    print(f"\n== decode throughput, batch {a.batch} (ratio = tokens/s over the same stack's base-only tokens/s) ==")
     print_rows(rows + peft_rows, header=True)
+    write_json(a, rows + peft_rows)
+
+
+def write_json(a, rows: list[dict]) -> None:
     if a.json:
-        Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows + peft_rows}, indent=2))
+        gpu = torch.cuda.get_device_name() if a.device.startswith("cuda") else None
+        Path(a.json).write_text(json.dumps({"args": vars(a), "gpu": gpu, "rows": rows}, indent=2))
 
 
-def run_peft(model_dir: Path, prompts, a, g) -> list[dict]:
+def run_peft(model_dir: Path, prompts, a, g, base_rows: list[dict]) -> list[dict]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     rows = []
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=a.device)
     for n in [n for n in a.n if n <= a.peft_max]:
-        hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        hf = AutoModelForCausalLM.from_pretrained(model_dir).to(a.device, getattr(torch, a.dtype)).eval()
         cfg = LoraConfig(r=a.rank, lora_alpha=a.rank, target_modules=list(MODULES), init_lora_weights=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -240,19 +273,21 @@ def run_peft(model_dir: Path, prompts, a, g) -> list[dict]:
             for i in range(1, n):
                 model.add_adapter(f"a{i}", cfg)
         model.eval()
-        pick = torch.randint(0, n, (BATCH,), generator=g).tolist()
+        pick = torch.randint(0, n, (a.batch,), generator=g).tolist()
         names = [f"a{i}" for i in pick]
-        hf_decode(model, ids, 2, ["__base__"] * BATCH)  # warm-up
+        hf_decode(model, ids, 2, ["__base__"] * a.batch)  # warm-up
         base, mixed = [], []
         for _ in range(a.repeats):
-            base.append(hf_decode(model, ids, a.steps, ["__base__"] * BATCH))
+            base.append(hf_decode(model, ids, a.steps, ["__base__"] * a.batch))
             mixed.append(hf_decode(model, ids, a.steps, names))
         b, m = statistics.median(base), statistics.median(mixed)
-        rows.append({"n": n, "config": "transformers base", "tok_s": b, "step_ms": 1000 * BATCH / b, "ratio": 1.0,
+        rows.append({"n": n, "config": "transformers base", "tok_s": b, "step_ms": 1000 * a.batch / b, "ratio": 1.0,
                      "distinct": 0})
-        rows.append({"n": n, "config": "transformers+peft", "tok_s": m, "step_ms": 1000 * BATCH / m, "ratio": m / b,
+        rows.append({"n": n, "config": "transformers+peft", "tok_s": m, "step_ms": 1000 * a.batch / m, "ratio": m / b,
                      "distinct": len(set(pick))})
         print_rows(rows[-2:])
+        write_json(a, base_rows + rows)
+        del model, hf
     return rows
 
 

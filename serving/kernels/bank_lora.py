@@ -25,8 +25,10 @@ from serving.kernels.common import (
     group_by_cluster,
     lora_torch,
     machine_line,
+    BenchRow,
+    matmul_same_flops,
     median_ms,
-    print_table,
+    report,
     resolve_groups,
     use_padded,
 )
@@ -274,7 +276,8 @@ def bank_lora(x, V, S, U, cluster_ids, core_ids, y, *, groups: BankGroups | None
 
 
 def _bench() -> None:
-    p = bench_parser("Time bank_lora's torch path (and Triton on CUDA) against a base x @ W.T.")
+    p = bench_parser("Time bank_lora's Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1) and torch "
+                     "path against a base x @ W.T and a plain matmul of the same FLOPs.")
     p.add_argument("--clusters", type=int, default=1)
     p.add_argument("--diag", action="store_true", help="JD-Diag cores (default: JD-Full)")
     a = p.parse_args()
@@ -292,23 +295,33 @@ def _bench() -> None:
     y0 = x @ W.T
     groups = group_by_cluster(cluster_ids, core_ids)
     args = (x, V, S, U, cluster_ids, core_ids)
-    paths = [("torch path", bank_lora_torch), ("float64 ref", bank_lora_ref)]
-    if dev.type == "cuda" and triton_available():
+    paths = [("torch path", bank_lora_torch)]
+    if triton_available() and (dev.type == "cuda" or _interpreted()):
         paths.insert(0, ("triton", bank_lora_triton))
     want = bank_lora_ref(*args, y0.clone())
     for _, fn in paths:  # correctness first
         torch.testing.assert_close(fn(*args, y0.clone(), groups=groups), want, atol=5e-2, rtol=5e-2)
+    distinct, G = core_ids.unique().numel(), len(groups.clusters)
     print(machine_line(dev))
     print(f"settings: T={T} d_in={a.d_in} d_out={a.d_out} r={r} K={a.clusters} "
           f"adapters={a.adapters} {'diag' if a.diag else 'full'} cores {a.dtype}; "
-          f"{len(groups.clusters)} clusters present, torch path "
+          f"{G} clusters and {distinct} adapters present, torch path "
           f"{'pads groups for bmm' if use_padded(groups) else 'loops over groups'}")
-    rows = [("base x @ W.T", median_ms(lambda: x @ W.T))]
+    isz, s_size = dtype.itemsize, r if a.diag else r * r
+    lora_bytes = isz * (T * a.d_in + 2 * T * a.d_out + G * (a.d_in + a.d_out) * r + distinct * s_size)
+    lora_flops = 2 * T * (a.d_in * r + s_size + r * a.d_out)
+    xm, M = matmul_same_flops(x, lora_flops)
+    m, ms = M.shape[1], lambda fn: median_ms(fn, repeat=a.repeat)  # noqa: E731
     y = y0.clone()
-    rows.append(("group_by_cluster (1/forward)", median_ms(lambda: group_by_cluster(cluster_ids, core_ids))))
-    for name, fn in paths:
-        rows.append((name, median_ms(lambda fn=fn: fn(*args, y, groups=groups))))
-    print_table("bank_lora, one layer call (groups prebuilt):", rows)
+    rows = [
+        BenchRow("base x @ W.T", ms(lambda: x @ W.T), isz * (T + a.d_out) * a.d_in + isz * T * a.d_out,
+                 2 * T * a.d_in * a.d_out),
+        BenchRow(f"matmul of same FLOPs (m={m})", ms(lambda: xm @ M), isz * (T * a.d_in + a.d_in * m + T * m),
+                 2 * T * a.d_in * m),
+        BenchRow("group_by_cluster (1/forward)", ms(lambda: group_by_cluster(cluster_ids, core_ids))),
+    ] + [BenchRow(name, ms(lambda fn=fn: fn(*args, y, groups=groups)), lora_bytes, lora_flops) for name, fn in paths]
+    settings = {**vars(a), "clusters_present": G, "adapters_present": distinct}
+    report("bank_lora, one layer call (groups prebuilt):", rows, settings, dev, a.json)
 
 
 if __name__ == "__main__":

@@ -248,26 +248,78 @@ def _expand(h: torch.Tensor, U: torch.Tensor, y: torch.Tensor, g: BankGroups) ->
 
 
 def median_ms(fn, repeat: int = 30, warmup: int = 5) -> float:
-    """Median wall time of fn() in ms, warm-up excluded, CUDA synchronised."""
+    """Median time of one fn() call in ms, warm-up excluded (the first calls compile the Triton
+    kernels). On CUDA, as triton.testing.do_bench: L2 flushed before each call and the call timed
+    between two CUDA events, so a hot 60 MB L2 and host timer overhead do not flatter a 5 us kernel."""
     for _ in range(warmup):
         fn()
+    cuda = torch.cuda.is_available()
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda") if cuda else None
     times = []
     for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
+        if cuda:
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
-def print_table(title: str, rows: list[tuple[str, float]]) -> None:
-    print(title)
-    print(f"  {'path':<30}{'ms':>9}{'vs ' + rows[0][0]:>18}")
-    for name, ms in rows:
-        print(f"  {name:<30}{ms:>9.4f}{ms / rows[0][1]:>17.2f}x")
+def copy_gbs(device: torch.device) -> float | None:
+    """Device memory bandwidth as a copy of 1 GiB moves it (bytes read + written), CUDA only."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(2**29, dtype=torch.int8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / (median_ms(lambda: dst.copy_(src), repeat=10, warmup=2) * 1e-3) / 1e9
+
+
+@dataclass
+class BenchRow:
+    """One timed path of a kernel benchmark, with the work it must do at least."""
+
+    name: str
+    ms: float
+    bytes: int | None = None
+    """minimal memory traffic of the op: every input read once, the output read and written"""
+    flops: int | None = None
+
+
+def matmul_same_flops(x: torch.Tensor, flops: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, M): x (T, d_in) @ M (d_in, m) does `flops` (rounded to m a multiple of 8): a plain
+    GEMM of the LoRA op's work, the yardstick of its efficiency."""
+    T, d_in = x.shape
+    m = max(8, round(flops / (2 * T * d_in) / 8) * 8)
+    return x, torch.randn(d_in, m, device=x.device, dtype=x.dtype) / d_in**0.5
+
+
+def report(title: str, rows: list[BenchRow], settings: dict, device: torch.device, json_path: str | None) -> None:
+    """Print rows beside the first (the base GEMM) with achieved GB/s and TFLOP/s; optionally
+    write them, the settings and the device's copy bandwidth as JSON."""
+    peak = copy_gbs(device)
+    print(title + (f" (device copy {peak:.0f} GB/s)" if peak else ""))
+    print(f"  {'path':<30}{'ms':>9}{'vs ' + rows[0].name:>18}{'GB/s':>9}{'TFLOP/s':>9}")
+    out = []
+    for r in rows:
+        gbs = r.bytes / (r.ms * 1e-3) / 1e9 if r.bytes else None
+        tflops = r.flops / (r.ms * 1e-3) / 1e12 if r.flops else None
+        cells = "".join(f"{v:>9.1f}" if v is not None else f"{'-':>9}" for v in (gbs, tflops))
+        print(f"  {r.name:<30}{r.ms:>9.4f}{r.ms / rows[0].ms:>17.2f}x{cells}")
+        out.append({"name": r.name, "ms": r.ms, "bytes": r.bytes, "flops": r.flops, "gb_s": gbs, "tflop_s": tflops})
+    if json_path:
+        import json
+
+        name = str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        doc = {"title": title, "settings": settings, "device": name, "copy_gb_s": peak, "rows": out}
+        with open(json_path, "w") as f:
+            json.dump(doc, f, indent=1)
 
 
 def bench_parser(description: str) -> argparse.ArgumentParser:
@@ -279,6 +331,8 @@ def bench_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--adapters", type=int, default=1000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--repeat", type=int, default=30, help="timed calls per path; the median is shown")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     return p
 
 

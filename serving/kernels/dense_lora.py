@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from serving.kernels.bank_lora import CORE_NONE, check_triton_runnable, launch_tiles, triton_available
+from serving.kernels.bank_lora import CORE_NONE, _interpreted, check_triton_runnable, launch_tiles, triton_available
 from serving.kernels.common import (
     BankGroups,
     bench_parser,
@@ -24,8 +24,10 @@ from serving.kernels.common import (
     group_by_cluster,
     lora_torch,
     machine_line,
+    BenchRow,
+    matmul_same_flops,
     median_ms,
-    print_table,
+    report,
     resolve_groups,
     use_padded,
 )
@@ -99,7 +101,8 @@ def dense_lora(x, lora_A, lora_B, adapter_ids, y, *, groups: BankGroups | None =
 
 
 def _bench() -> None:
-    p = bench_parser("Time dense_lora's torch path (and Triton on CUDA) against a base x @ W.T.")
+    p = bench_parser("Time dense_lora's Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1) and torch "
+                     "path against a base x @ W.T and a plain matmul of the same FLOPs.")
     p.add_argument("--distinct", type=int, default=None, help="adapters in the batch (default: random)")
     a = p.parse_args()
     dev, dtype, T, r = torch.device(a.device), getattr(torch, a.dtype), a.tokens, a.rank
@@ -113,22 +116,31 @@ def _bench() -> None:
     y0 = x @ W.T
     groups = group_by_cluster(adapter_ids, adapter_ids)
     args = (x, lora_A, lora_B, adapter_ids)
-    paths = [("torch path", dense_lora_torch), ("float64 ref", dense_lora_ref)]
-    if dev.type == "cuda" and triton_available():
+    paths = [("torch path", dense_lora_torch)]
+    if triton_available() and (dev.type == "cuda" or _interpreted()):
         paths.insert(0, ("triton", dense_lora_triton))
     want = dense_lora_ref(*args, y0.clone())
     for _, fn in paths:  # correctness first
         torch.testing.assert_close(fn(*args, y0.clone(), groups=groups), want, atol=5e-2, rtol=5e-2)
+    G = len(groups.clusters)
     print(machine_line(dev))
     print(f"settings: T={T} d_in={a.d_in} d_out={a.d_out} r={r} adapters={a.adapters} {a.dtype}; "
-          f"{len(groups.clusters)} distinct in the batch, torch path uses "
+          f"{G} distinct in the batch, torch path uses "
           f"{'pads groups for bmm' if use_padded(groups) else 'loops over groups'}")
-    rows = [("base x @ W.T", median_ms(lambda: x @ W.T))]
-    rows.append(("group_by_cluster (1/forward)", median_ms(lambda: group_by_cluster(adapter_ids, adapter_ids))))
+    isz = dtype.itemsize
+    lora_bytes = isz * (T * a.d_in + 2 * T * a.d_out + G * (a.d_in + a.d_out) * r)
+    lora_flops = 2 * T * r * (a.d_in + a.d_out)
+    xm, M = matmul_same_flops(x, lora_flops)
+    m, ms = M.shape[1], lambda fn: median_ms(fn, repeat=a.repeat)  # noqa: E731
     y = y0.clone()
-    for name, fn in paths:
-        rows.append((name, median_ms(lambda fn=fn: fn(*args, y, groups=groups))))
-    print_table("dense_lora, one layer call (groups prebuilt):", rows)
+    rows = [
+        BenchRow("base x @ W.T", ms(lambda: x @ W.T), isz * (T + a.d_out) * a.d_in + isz * T * a.d_out,
+                 2 * T * a.d_in * a.d_out),
+        BenchRow(f"matmul of same FLOPs (m={m})", ms(lambda: xm @ M), isz * (T * a.d_in + a.d_in * m + T * m),
+                 2 * T * a.d_in * m),
+        BenchRow("group_by_cluster (1/forward)", ms(lambda: group_by_cluster(adapter_ids, adapter_ids))),
+    ] + [BenchRow(name, ms(lambda fn=fn: fn(*args, y, groups=groups)), lora_bytes, lora_flops) for name, fn in paths]
+    report("dense_lora, one layer call (groups prebuilt):", rows, {**vars(a), "adapters_present": G}, dev, a.json)
 
 
 if __name__ == "__main__":
