@@ -38,6 +38,22 @@ def peft_logits(base_dir, adapter_dir, input_ids):
         return model(input_ids=input_ids).logits
 
 
+def teacher_forced(engine, ids: list[int], adapter: str | None) -> torch.Tensor:
+    """The engine's log p(ids[j] | ids[:j]) for j >= 1, under `adapter`."""
+    seq = engine.open(ids[:1])
+    try:
+        return torch.tensor(engine.score(seq, ids[1:], adapter=adapter))
+    finally:
+        engine.close(seq)
+
+
+def hf_teacher_forced(model, ids: list[int], device="cpu") -> torch.Tensor:
+    """The same log-probabilities from a transformers / peft model (on the CPU)."""
+    with torch.no_grad():
+        lp = model(input_ids=torch.tensor([ids], device=device)).logits[0].float().log_softmax(-1).cpu()
+    return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+
+
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +-*=.,:;!?()[]/ABCDEFGHIJ"

@@ -26,7 +26,7 @@ from serving.kernels.common import (
     lora_torch,
     machine_line,
     BenchRow,
-    matmul_same_flops,
+    reference_rows,
     median_ms,
     report,
     resolve_groups,
@@ -310,16 +310,10 @@ def _bench() -> None:
     isz, s_size = dtype.itemsize, r if a.diag else r * r
     lora_bytes = isz * (T * a.d_in + 2 * T * a.d_out + G * (a.d_in + a.d_out) * r + distinct * s_size)
     lora_flops = 2 * T * (a.d_in * r + s_size + r * a.d_out)
-    xm, M = matmul_same_flops(x, lora_flops)
-    m, ms = M.shape[1], lambda fn: median_ms(fn, repeat=a.repeat)  # noqa: E731
+    ms = lambda fn: median_ms(fn, repeat=a.repeat)  # noqa: E731
     y = y0.clone()
-    rows = [
-        BenchRow("base x @ W.T", ms(lambda: x @ W.T), isz * (T + a.d_out) * a.d_in + isz * T * a.d_out,
-                 2 * T * a.d_in * a.d_out),
-        BenchRow(f"matmul of same FLOPs (m={m})", ms(lambda: xm @ M), isz * (T * a.d_in + a.d_in * m + T * m),
-                 2 * T * a.d_in * m),
-        BenchRow("group_by_cluster (1/forward)", ms(lambda: group_by_cluster(cluster_ids, core_ids))),
-    ] + [BenchRow(name, ms(lambda fn=fn: fn(*args, y, groups=groups)), lora_bytes, lora_flops) for name, fn in paths]
+    rows = reference_rows(x, W, lora_flops, ms, lambda: group_by_cluster(cluster_ids, core_ids)) + [
+        BenchRow(name, ms(lambda fn=fn: fn(*args, y, groups=groups)), lora_bytes, lora_flops) for name, fn in paths]
     settings = {**vars(a), "clusters_present": G, "adapters_present": distinct}
     report("bank_lora, one layer call (groups prebuilt):", rows, settings, dev, a.json)
 

@@ -300,6 +300,20 @@ def matmul_same_flops(x: torch.Tensor, flops: int) -> tuple[torch.Tensor, torch.
     return x, torch.randn(d_in, m, device=x.device, dtype=x.dtype) / d_in**0.5
 
 
+def reference_rows(x: torch.Tensor, W: torch.Tensor, lora_flops: int, ms, grouping) -> list[BenchRow]:
+    """The comparators every kernel benchmark prints first: the base GEMM `x @ W.T`, a plain matmul
+    of the LoRA path's FLOPs (what the kernel's work would cost as one dense GEMM), and the
+    per-forward routing (`grouping()`)."""
+    t, d_in = x.shape
+    d_out, isz = W.shape[0], x.dtype.itemsize
+    xm, M = matmul_same_flops(x, lora_flops)
+    m = M.shape[1]
+    return [BenchRow("base x @ W.T", ms(lambda: x @ W.T), isz * (t + d_out) * d_in + isz * t * d_out, 2 * t * d_in * d_out),
+            BenchRow(f"matmul of same FLOPs (m={m})", ms(lambda: xm @ M), isz * (t * d_in + d_in * m + t * m),
+                     2 * t * d_in * m),
+            BenchRow("group_by_cluster (1/forward)", ms(grouping))]
+
+
 def report(title: str, rows: list[BenchRow], settings: dict, device: torch.device, json_path: str | None) -> None:
     """Print rows beside the first (the base GEMM) with achieved GB/s and TFLOP/s; optionally
     write them, the settings and the device's copy bandwidth as JSON."""

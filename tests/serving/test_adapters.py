@@ -10,7 +10,7 @@ import torch
 from compression import CompressConfig, compress
 from compression.peft_io import load_collection, save_adapter
 from serving import Engine, SamplingParams
-from tests.helpers import make_tiny_model
+from tests.helpers import hf_teacher_forced, make_tiny_model, teacher_forced
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INVOKE = [60, 61, 62]
@@ -52,18 +52,7 @@ def _peft_adapter(base: torch.nn.Module, out_dir, seed: int, **kw):
     return model
 
 
-def _teacher_forced(engine: Engine, ids: list[int], adapter: str | None) -> torch.Tensor:
-    seq = engine.open(ids[:1])
-    try:
-        return torch.tensor(engine.score(seq, ids[1:], adapter=adapter))
-    finally:
-        engine.close(seq)
-
-
-def _peft_teacher_forced(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        lp = model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
-    return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+_teacher_forced, _peft_teacher_forced = teacher_forced, hf_teacher_forced
 
 
 def test_standard_adapter_matches_peft(world, std):

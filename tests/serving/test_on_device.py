@@ -20,7 +20,7 @@ from compression.peft_io import load_collection
 from serving import Engine, SamplingParams
 from serving.kernels import triton_available
 from serving.kernels.bank_lora import _interpreted
-from tests.helpers import make_tiny_model
+from tests.helpers import hf_teacher_forced, make_tiny_model, teacher_forced
 from tests.serving.test_adapters import ALL_MODULES, INVOKE, _peft_adapter, _random_adapters
 
 DEVICE = os.environ.get("KILOLORA_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,18 +49,11 @@ def _hf(path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(path).to(DEVICE, dtype).eval()
 
 
-def _teacher_forced(engine: Engine, ids: list[int], adapter: str | None) -> torch.Tensor:
-    seq = engine.open(ids[:1])
-    try:
-        return torch.tensor(engine.score(seq, ids[1:], adapter=adapter))
-    finally:
-        engine.close(seq)
+_teacher_forced = teacher_forced
 
 
 def _hf_teacher_forced(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        lp = model(input_ids=torch.tensor([ids], device=DEVICE)).logits[0].float().log_softmax(-1).cpu()
-    return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    return hf_teacher_forced(model, ids, DEVICE)
 
 
 def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
