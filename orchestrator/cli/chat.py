@@ -1,9 +1,10 @@
 """`kilolora chat`: an interactive chat in the terminal (prompt_toolkit for the line, rich for output).
 
+A dim line first says what the message was read as and which skills run on it (`ChatSession.read`).
 Each step of the answer is one line, labelled with the adapter that wrote it, its tokens streamed
 as they come; tool calls show the tool selector's proposal and the calculator's result; the
-verifier's score closes the turn. Not a terminal (a pipe): lines are read from stdin, one message
-or command per line, with the same output.
+verifier's score (or a task's own verifier's) closes the turn. Not a terminal (a pipe): lines are
+read from stdin, one message or command per line, with the same output.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class _View:
 
     def _start(self, label: str, style: str) -> None:
         self.end()
-        self.console.print(f"  [{style}]{escape(label.ljust(LABEL))}[/{style}]", end="")
+        label = label.ljust(LABEL) if len(label) < LABEL else label + " "
+        self.console.print(f"  [{style}]{escape(label)}[/{style}]", end="")
         self.open = True
 
     def end(self) -> None:
@@ -66,7 +68,10 @@ class _View:
 
     def on_event(self, e: dict) -> None:
         ev = e["event"]
-        if ev == "node" and e["kind"] == "generate":
+        if ev == "route":
+            self.end()
+            self.console.print(f"  [dim]{escape(e['note'])}[/dim]", soft_wrap=True)  # one line, greppable in a pipe
+        elif ev == "node" and e["kind"] == "generate":
             key = (e["branch"], e["node"])
             if self.streaming != key and e.get("output"):  # a backend that does not stream
                 self._step(key, e.get("adapter") or "base")
@@ -86,9 +91,9 @@ class _View:
             self.console.print(f"{escape(e['input'])} = [bold]{escape(e['output'])}[/bold]{ok}")
             self.open = False
             self.pending = f"[CALC]{e['input']}[/CALC]={e['output']}" if e["ok"] else ""
-        elif ev == "score" and e.get("skill") == "verifier":
+        elif ev == "score" and e.get("node") == "verify":  # the chat graph's final score
             v = e["value"]
-            self._start("verifier", "yellow")
+            self._start(e["skill"], "yellow")
             mark = "[green]looks right[/green]" if v >= 0.5 else "[red]looks wrong[/red]"
             self.console.print(f"score {v:.2f}  {mark}")
             self.open = False
@@ -98,10 +103,14 @@ def chat(*, url: str | None = None, world: str | None = None, adapter: str = "ba
          no_tools: bool = False, no_verify: bool = False, seed: int = 0, history: str | None = None) -> None:
     """Chat with the embedded world in the terminal, in-process or against `kilolora serve`.
 
-    Each answer is written step by step; before each step the tool selector may propose a
-    calculator call, which is run by the safe calculator and inserted, and the model goes on.
-    Every step shows the adapter that wrote it, tokens stream as they are generated, and the
-    verifier scores the final answer. Type /help for the commands (/reset, /adapter NAME,
+    Each message is first read as an arithmetic problem of the world's form (`58*63-17`, also
+    "What is 58*63-17?"), a transformation (`shift 3: hello`), or anything else, and only the
+    skills that fit run: for arithmetic the answer is written step by step, before each step the
+    tool selector may propose a calculator call, which is run by the safe calculator and
+    inserted, and the verifier scores the final answer; a transformation is answered by the task
+    adapter that performs it (and scored by its own verifier where the world has one); anything
+    else by the base alone. A dim line says which. Every step shows the adapter that wrote it and
+    tokens stream as they are generated. Type /help for the commands (/reset, /adapter NAME,
     /trace, /quit). Ctrl-D or Ctrl-C leaves.
 
     Args:
@@ -112,7 +121,7 @@ def chat(*, url: str | None = None, world: str | None = None, adapter: str = "ba
       turns: earlier turns the model sees with each message (the embedded world's model is
         trained on single questions, so it answers best with 0)
       no_tools: answer without the tool selector and calculator
-      no_verify: skip the verifier's score
+      no_verify: skip the verifiers' scores (the arithmetic verifier's and the tasks' own)
       seed: seed of sampling (answers are greedy unless retried)
       history: file keeping the input history (default: ~/.kilolora/chat_history)
     """
@@ -157,9 +166,10 @@ def chat(*, url: str | None = None, world: str | None = None, adapter: str = "ba
             console.print(f"[red]error:[/red] {escape(str(err))}")
             continue
         view.end()
-        answer = parse_answer(run.text)
+        answer = parse_answer(run.text) if session.route.kind == "arithmetic" else \
+            run.text.strip() if session.route.kind == "transform" else None
         if answer is not None:
-            console.print(f"  [bold]{'answer'.ljust(LABEL)}{answer}[/bold]")
+            console.print(f"  [bold]{'answer'.ljust(LABEL)}{escape(str(answer))}[/bold]")
 
 
 def _command(line: str, session, console: Console) -> bool:
@@ -190,6 +200,7 @@ def _command(line: str, session, console: Console) -> bool:
         if session.last is None:
             console.print("no turn yet")
         else:
+            console.print(f"[dim]{escape(session.route.note)}[/dim]", soft_wrap=True)
             session.last.trace.render(console, title="trace of the last turn")
     else:
         console.print(f"[red]unknown command {escape(cmd)}[/red]; /help lists them")

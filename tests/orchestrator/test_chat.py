@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.chat import ChatSession
+from orchestrator.chat import ChatSession, read_problem, read_transform
 from orchestrator.executor import Executor
+from skills.tasks import Transform, parse_answer
 
 KILOLORA = str(Path(sys.executable).with_name("kilolora"))
 PROMPT = r"you \[(\S+)\] ›"
@@ -74,12 +75,32 @@ def test_history_recalls_with_the_up_arrow_and_ctrl_c_leaves_cleanly(tmp_path):
 def test_chat_against_the_server_over_http_in_a_pipe(world_server):
     import subprocess
 
-    out = subprocess.run([KILOLORA, "chat", "--url", world_server + "/v1"], input="58*6+31\n/trace\n",
+    out = subprocess.run([KILOLORA, "chat", "--url", world_server + "/v1"],
+                         input="What is 58*6+31?\nshift 3: hello\n/trace\n",
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "http://" in out.stdout and "calculator" in out.stdout
+    assert "reading this as the arithmetic problem 58*6+31" in out.stdout
     assert f"answer        {58 * 6 + 31}" in out.stdout
+    assert "shift 3: adapter shift-3 answers 'shift: hello'" in out.stdout
+    assert f"answer        {Transform('shift', '3').apply('hello')}" in out.stdout
     assert "trace of the last turn" in out.stdout and out.stdout.rstrip().endswith("bye")
+
+
+def test_chat_in_a_pipe_says_what_each_message_is_and_runs_only_the_skills_that_fit():
+    import subprocess
+
+    want = Transform("shift", "3").apply("hello")
+    out = subprocess.run([KILOLORA, "chat"], input="shift 3: hello\nhello there\n", capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "80"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    note = next(line for line in lines if "shift 3:" in line)  # one line, not wrapped at 80 columns
+    assert "adapter shift-3 answers 'shift: hello'" in note
+    assert note.endswith("not arithmetic: no calculator, no arithmetic verifier")
+    assert f"  shift-3       {want}" in lines and f"  answer        {want}" in lines
+    assert any("not arithmetic or a transformation of this world: the base alone" in line for line in lines)
+    assert "tool_selector" not in out.stdout and "score" not in out.stdout
 
 
 def test_chat_with_no_server_is_one_clear_error():
@@ -138,3 +159,99 @@ def test_session_adapter_choice_is_checked_and_used(session):
     finally:
         session.set_adapter("base")
     assert session.adapter is None
+
+
+@pytest.mark.parametrize("message", ["58*63-17", "What is 58*63-17?", "compute 58*63-17 please", "58 * 63 - 17 = ?",
+                                     "what is 58 times 63 minus 17?", "58×63−17", "Compute 58*63-17."])
+def test_arithmetic_in_words_reads_as_the_world_s_problem(message):
+    assert read_problem(message) == "58*63-17"
+
+
+@pytest.mark.parametrize("message", ["58*63-17=3637", "-58*63-17", "58*63-17+5", "1+2", "58*63", "add 2: 58*63-17",
+                                     "shift 3: hello", "hello there", "58*63-1.5"])
+def test_what_is_not_the_world_s_arithmetic_is_not_read_as_it(message):
+    assert read_problem(message) is None
+
+
+@pytest.mark.parametrize("message, instruction, x", [
+    ("shift 3: hello", "shift 3", "hello"), ("Shift 3 : hello", "shift 3", "hello"),
+    ("shift-3: hello", "shift 3", "hello"),
+    ("add 2: 123", "add 2", "123"), ("replace e a: hello", "replace e a", "hello"),
+    ("replace e with a: hello", "replace e a", "hello"), ("replace-ea: hello", "replace e a", "hello")])
+def test_transformations_read_with_their_instruction(message, instruction, x):
+    t, got = read_transform(message)
+    assert (t.instruction, got) == (instruction, x)
+
+
+@pytest.mark.parametrize("message", ["shift: hello", "shift x: hello", "add 2:", "replace 1 2: x", "58*63-17",
+                                     "hello there"])
+def test_what_is_not_a_transformation_is_not_read_as_one(message):
+    assert read_transform(message) is None
+
+
+def _skills_run(run) -> set[str]:
+    """Every skill or tool a run used besides the model writing its answer."""
+    return {e["kind"] for e in run.trace.of("node") if e["kind"] in ("ask", "score", "tool")} | \
+        {e["skill"] for e in run.trace.of("score")}
+
+
+def test_session_answers_arithmetic_in_words_as_the_bare_problem(session):
+    b, c, a = 58, 63, 17
+    session.reset()
+    worded = session.turn(f"What is {b}*{c}-{a}?")
+    assert session.route.kind == "arithmetic" and session.route.prompt == f"{b}*{c}-{a}"
+    assert "reading this as the arithmetic problem 58*63-17" in session.route.note
+    assert worded.trace.of("run_start")[0]["prompt"] == f"{b}*{c}-{a}"  # what the model was given
+    bare = session.turn(f"{b}*{c}-{a}")
+    assert parse_answer(worded.text) == parse_answer(bare.text) == b * c - a
+    assert {"ask", "tool", "verifier"} <= _skills_run(worded)
+    assert session.history[0] == {"role": "user", "content": f"{b}*{c}-{a}"}
+    session.reset()
+
+
+def test_session_answers_a_transformation_with_its_task_adapter_and_no_arithmetic_skill(session):
+    want = Transform("shift", "3").apply("hello")
+    assert want != "hello"
+    session.reset()
+    run = session.turn("shift 3: hello")
+    assert run.text.strip() == want
+    assert session.route.kind == "transform" and session.route.adapter == "shift-3"
+    assert run.trace.of("run_start")[0]["prompt"] == "shift: hello"  # as the task adapters were trained
+    steps = [e for e in run.trace.of("node") if e["kind"] == "generate"]
+    assert steps and all(e["adapter"] == "shift-3" for e in steps)
+    assert _skills_run(run) == set()  # no tool selector, calculator or verifier: shift-3 has no checker
+    assert "not arithmetic: no calculator, no arithmetic verifier" in session.route.note
+    session.reset()
+
+
+def test_session_scores_a_transformation_with_its_own_verifier_only(session):
+    task = sorted(session.task_checkers)[0]
+    t = Transform.parse(task)
+    x = next(s for s in t.inputs(8, 0, "test") if t.apply(s) != s)
+    run = session.turn(f"{task}: {x}")
+    checker = session.task_checkers[task]
+    assert checker.startswith("check-") and session.route.verifier == checker
+    assert [e["skill"] for e in run.trace.of("score")] == [checker]
+    assert run.trace.of("run_start")[0]["prompt"] == t.prompt(x)
+    session.reset()
+
+
+def test_session_runs_no_arithmetic_skill_on_anything_else(session):
+    session.reset()
+    run = session.turn("hello there")
+    assert session.route.kind == "other" and session.route.prompt == "hello there"
+    assert _skills_run(run) == set() and not run.trace.of("adapter")
+    assert all(e.get("adapter") in (None, "base") for e in run.trace.of("node") if e["kind"] == "generate")
+    session.reset()
+
+
+def test_session_adapter_choice_wins_over_the_task_adapter(session):
+    session.set_adapter("shift-2")
+    try:
+        run = session.turn("shift 3: hello")
+        assert session.route.adapter == "shift-2" and session.route.verifier is None
+        assert all(e["adapter"] == "shift-2" for e in run.trace.of("node") if e["kind"] == "generate")
+        assert "the world's adapter for it is shift-3" in session.route.note
+    finally:
+        session.set_adapter("base")
+        session.reset()
