@@ -4,8 +4,10 @@
 blocks) and instructed transformations, 3. the base's own sampled solutions, labelled,
 4. every adapter at once — verifier, self-evaluation, tool selector and the task family — in one
 `MultiLora` through the serving model's layers, 5. PEFT export, 6. the task family compressed
-into one bank, 7. the manifest, 8. an evaluation recorded in the manifest. The world is built in
-a temporary sibling directory and moved into place only when everything succeeded.
+into one bank, 7. the manifest, 8. an evaluation recorded in the manifest. The stages work in a
+sibling directory that keeps each finished stage's output (and the adapter stage's checkpoints),
+so an interrupted build resumes where it stopped; the world moves into place only when
+everything succeeded.
 """
 
 from __future__ import annotations
@@ -200,8 +202,10 @@ def sample_solutions(base_dir: Path, cfg: BuildConfig, split: str = "train", n_p
     return out
 
 
-def train_adapters(base_dir: Path, tok, samples: list[data.Sample], cfg: BuildConfig, progress):
-    """All adapters in one MultiLora: rows 0..2 the skills, then the task family."""
+def train_adapters(base_dir: Path, tok, samples: list[data.Sample], cfg: BuildConfig, progress,
+                   ckpt_dir: Path | None = None, every: int = 100):
+    """All adapters in one MultiLora: rows 0..2 the skills, then the task family. With `ckpt_dir`
+    the run is checkpointed there every `every` steps and resumed from its last checkpoint."""
     from serving.model import load_model
 
     model = load_model(base_dir)
@@ -240,6 +244,12 @@ def train_adapters(base_dir: Path, tok, samples: list[data.Sample], cfg: BuildCo
 
     pad = tok.pad_token_id
     parts: list[tuple[float, float]] = []
+    resume = _load_checkpoint(ckpt_dir, multi) if ckpt_dir is not None else None
+    if resume is not None:
+        parts = [tuple(p) for p in resume["parts"]]
+
+    def checkpoint(state: dict) -> None:
+        _save_checkpoint(ckpt_dir, multi, {**state, "parts": parts})
 
     def loss(batches):
         skills, tasks = batches
@@ -252,78 +262,211 @@ def train_adapters(base_dir: Path, tok, samples: list[data.Sample], cfg: BuildCo
     ids = lambda batches: torch.tensor([e.adapter for b in batches for e in b])  # noqa: E731
     note = lambda: f"skills {_tail(parts_s, 20):.2f} tasks {_tail(parts_t, 20):.2f}"  # noqa: E731
     parts_s, parts_t = _Parts(parts, 0), _Parts(parts, 1)
-    fit(multi_lora_step(multi, loss, ids), sample, tc, f"{multi.n} adapters", progress, note=note)
+    fit(multi_lora_step(multi, loss, ids), sample, tc, f"{multi.n} adapters", progress, note=note, resume=resume,
+        checkpoint=checkpoint if ckpt_dir is not None else None, every=every)
     return multi, {"skills": [a for a, _ in parts], "tasks": [b for _, b in parts]}
 
 
+def _save_checkpoint(ckpt_dir: Path, multi: MultiLora, state: dict) -> None:
+    """Adapters, optimizer and loop state, written beside the last checkpoint and swapped in (a
+    kill while writing leaves the previous one)."""
+    from safetensors.torch import save_file
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    save_file(multi.state_dict(), str(ckpt_dir / "state.safetensors.new"))
+    (ckpt_dir / "loop.json.new").write_text(json.dumps(state))
+    os.replace(ckpt_dir / "state.safetensors.new", ckpt_dir / "state.safetensors")
+    os.replace(ckpt_dir / "loop.json.new", ckpt_dir / "loop.json")
+
+
+def _load_checkpoint(ckpt_dir: Path, multi: MultiLora) -> dict | None:
+    from safetensors.torch import load_file
+
+    if not (ckpt_dir / "loop.json").is_file() or not (ckpt_dir / "state.safetensors").is_file():
+        return None
+    state = json.loads((ckpt_dir / "loop.json").read_text())
+    tensors = load_file(str(ckpt_dir / "state.safetensors"))
+    if int(tensors["steps"].sum()) == 0 and state["step"] > 0 or len(state["losses"]) != state["step"]:
+        raise ValueError(f"{ckpt_dir}: the checkpoint's tensors and loop state disagree; remove it or use --from adapters")
+    multi.load_state_dict(tensors)
+    return state
+
+
+STAGES = ("base", "sampling", "adapters", "export", "eval")
+"""build stages, in order; each keeps its output in the work directory, so a rerun skips it"""
+
+
 def build(out: str | os.PathLike, cfg: BuildConfig | None = None, overwrite: bool = False, console=None,
-          evaluate_after: bool = True, reuse_base: str | os.PathLike | None = None) -> World:
-    """Build a world into `out` (see the module docstring); returns it loaded. `reuse_base`: take
-    the base model from that checkpoint directory instead of pretraining it (a previous build's
-    `base/` with the same seed and sizes; its manifest records that it was reused)."""
+          evaluate_after: bool = True, reuse_base: str | os.PathLike | None = None, from_stage: str | None = None,
+          checkpoint_every: int = 100) -> World:
+    """Build a world into `out` (see the module docstring); returns it loaded.
+
+    Resumable: the stages (`STAGES`) work in `.<out>.build/` beside `out`, and each one's output
+    stays there once it finished, so running the same build again (after a crash, a kill, a
+    session's end) skips finished stages and resumes the adapter stage from its last checkpoint
+    (every `checkpoint_every` steps). `from_stage` redoes that stage and every later one. The
+    world moves to `out` when every stage is done, and the work directory is removed.
+    `reuse_base`: take the base model from that checkpoint directory instead of pretraining it
+    (a previous build's `base/` with the same seed and sizes; the manifest records it)."""
     cfg = cfg if cfg is not None else BuildConfig()
     out = Path(out)
+    if from_stage is not None and from_stage not in STAGES:
+        raise ValueError(f"--from must be one of {', '.join(STAGES)}, got {from_stage!r}")
     if out.exists() and not overwrite:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    work = _Work(out.parent / f".{out.name}.build", cfg, from_stage, console)
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    try:
-        with _progress(console) as progress:
-            tok = save_tokenizer(tmp / "base")
+    with _progress(console) as progress:
+        if work.todo("base"):
             t = time.perf_counter()
+            shutil.rmtree(work.path / "base", ignore_errors=True)
+            tok = save_tokenizer(work.path / "base")
             if reuse_base is not None:
-                _copy_base(Path(reuse_base), tmp / "base", cfg)
+                _copy_base(Path(reuse_base), work.path / "base", cfg)
                 base_losses = []
             else:
-                base_losses = train_base(tmp / "base", tok, cfg, progress)
-            timings["base"] = time.perf_counter() - t
+                base_losses = train_base(work.path / "base", tok, cfg, progress)
+            work.done("base", t, final_loss=_tail(base_losses) if base_losses else None,
+                      reused_from=str(reuse_base) if reuse_base is not None else None)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(work.path / "base"))
+        if work.todo("sampling"):
             t = time.perf_counter()
-            samples = sample_solutions(tmp / "base", cfg, progress=progress)
-            timings["sampling"] = time.perf_counter() - t
+            samples = sample_solutions(work.path / "base", cfg, progress=progress)
+            (work.path / "samples.json").write_text(json.dumps([_sample_json(x) for x in samples]))
+            work.done("sampling", t, samples=len(samples), correct=sum(x.correct for x in samples))
+        samples = [_sample_from_json(x) for x in json.loads((work.path / "samples.json").read_text())]
+        if work.todo("adapters"):
             t = time.perf_counter()
-            multi, ad_losses = train_adapters(tmp / "base", tok, samples, cfg, progress)
-            timings["adapters"] = time.perf_counter() - t
+            multi, ad_losses = train_adapters(work.path / "base", tok, samples, cfg, progress,
+                                              ckpt_dir=work.path / "adapters.ckpt", every=checkpoint_every)
+            work.done("adapters", t, skills_final_loss=_tail(ad_losses["skills"]),
+                      tasks_final_loss=_tail(ad_losses["tasks"]))
+        if work.todo("export"):
+            t = time.perf_counter()
+            _export(work.path, tok, cfg, progress)
+            work.done("export", t)
+    if work.todo("eval"):
         t = time.perf_counter()
-        inv = {VERIFY: tok.convert_tokens_to_ids(VERIFY), CHECK: tok.convert_tokens_to_ids(CHECK),
-               SELECT: tok.convert_tokens_to_ids(SELECT)}
-        base_ref = "base"
-        for i, s in enumerate(SKILLS):
-            export_peft(multi, i, tmp / "skills" / s.name, peft_config(base_ref, cfg.r, cfg.lora_alpha, [inv[s.invocation]]))
-        fam = task_skills(cfg)
-        adapters = []
-        for j, s in enumerate(fam):
-            config = peft_config(base_ref, cfg.r, cfg.lora_alpha, [inv[s.invocation]] if s.invocation else None)
-            export_peft(multi, len(SKILLS) + j, tmp / "adapters" / s.name, config)
-            adapters.append(multi.adapter(len(SKILLS) + j, s.name, config))
-        bank = compress_family(adapters, BankConfig.of(cfg), progress)
-        bank.save(tmp / "bank")
-        timings["export_compress"] = time.perf_counter() - t
-        manifest = {
-            "format": FORMAT_VERSION, "name": "kilolora default world", "build": asdict(cfg),
-            "skills": [s.model_dump(exclude_defaults=True) for s in SKILLS + fam],
-            "tasks": [{"name": s.name, "role": s.role, "task": s.task} for s in fam],
-            "training": {"base_final_loss": _tail(base_losses) if base_losses else None,
-                         "skills_final_loss": _tail(ad_losses["skills"]), "tasks_final_loss": _tail(ad_losses["tasks"]),
-                         "samples": len(samples), "samples_correct": sum(s.correct for s in samples)},
-            "build_seconds": {k: round(v, 1) for k, v in timings.items()},
-            "base_reused_from": str(reuse_base) if reuse_base is not None else None,
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        manifest = _manifest(cfg, work)
+        (work.path / MANIFEST).write_text(json.dumps(manifest, indent=1))
         if evaluate_after:
-            _evaluate_into(manifest, World.load(tmp), cfg.eval_problems, cfg.eval_per_task, cfg.samples_per_problem,
-                           cfg.seed, console)
-        manifest["build_seconds"]["total"] = round(time.perf_counter() - t0, 1)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return World.load(out)
+            _evaluate_into(manifest, World.load(work.path), cfg.eval_problems, cfg.eval_per_task,
+                           cfg.samples_per_problem, cfg.seed, console)
+        manifest["build_seconds"]["total"] = round(sum(manifest["build_seconds"].values()), 1)
+        (work.path / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        work.done("eval", t)
+    world = work.finish(out)
+    if console is not None:
+        console.print(f"[dim]this run: {time.perf_counter() - t0:.0f} s[/dim]")
+    return world
+
+
+def _export(path: Path, tok, cfg: BuildConfig, progress) -> None:
+    """PEFT directories of the skills and the task family, and the family's bank."""
+    from serving.model import load_model
+
+    multi = MultiLora(load_model(path / "base"), len(SKILLS) + len(task_skills(cfg)), r=cfg.r,
+                      lora_alpha=cfg.lora_alpha, seed=cfg.seed)
+    if _load_checkpoint(path / "adapters.ckpt", multi) is None:
+        raise ValueError(f"{path / 'adapters.ckpt'} holds no trained adapters; rerun with --from adapters")
+    for d in ("skills", "adapters", "bank"):
+        shutil.rmtree(path / d, ignore_errors=True)
+    inv = {VERIFY: tok.convert_tokens_to_ids(VERIFY), CHECK: tok.convert_tokens_to_ids(CHECK),
+           SELECT: tok.convert_tokens_to_ids(SELECT)}
+    base_ref = "base"
+    for i, s in enumerate(SKILLS):
+        export_peft(multi, i, path / "skills" / s.name, peft_config(base_ref, cfg.r, cfg.lora_alpha, [inv[s.invocation]]))
+    adapters = []
+    for j, s in enumerate(task_skills(cfg)):
+        config = peft_config(base_ref, cfg.r, cfg.lora_alpha, [inv[s.invocation]] if s.invocation else None)
+        export_peft(multi, len(SKILLS) + j, path / "adapters" / s.name, config)
+        adapters.append(multi.adapter(len(SKILLS) + j, s.name, config))
+    compress_family(adapters, BankConfig.of(cfg), progress).save(path / "bank")
+
+
+def _manifest(cfg: BuildConfig, work: _Work) -> dict:
+    fam = task_skills(cfg)
+    st = work.records
+    return {
+        "format": FORMAT_VERSION, "name": "kilolora default world", "build": asdict(cfg),
+        "skills": [s.model_dump(exclude_defaults=True) for s in SKILLS + fam],
+        "tasks": [{"name": s.name, "role": s.role, "task": s.task} for s in fam],
+        "training": {"base_final_loss": st["base"].get("final_loss"),
+                     "skills_final_loss": st["adapters"]["skills_final_loss"],
+                     "tasks_final_loss": st["adapters"]["tasks_final_loss"],
+                     "samples": st["sampling"]["samples"], "samples_correct": st["sampling"]["correct"]},
+        "build_seconds": {"base": st["base"]["seconds"], "sampling": st["sampling"]["seconds"],
+                          "adapters": st["adapters"]["seconds"], "export_compress": st["export"]["seconds"]},
+        "base_reused_from": st["base"].get("reused_from"),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+
+
+class _Work:
+    """A build's work directory: `config.json` (the BuildConfig it builds), and per finished stage
+    `stages/NAME.json` (its seconds and figures). A different config refuses to reuse it unless
+    told which stage to redo from."""
+
+    def __init__(self, path: Path, cfg: BuildConfig, from_stage: str | None, console):
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "stages").mkdir(exist_ok=True)
+        want = asdict(cfg)
+        conf = path / "config.json"
+        have = json.loads(conf.read_text()) if conf.is_file() else None
+        if have is not None and have != want and from_stage is None and any((path / "stages").iterdir()):
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise ValueError(f"{path} holds a build with other settings ({', '.join(diff)}); pass --from STAGE to "
+                             f"redo from the first stage they change, or delete {path}")
+        conf.write_text(json.dumps(want, indent=1))
+        if from_stage is not None:
+            for name in STAGES[STAGES.index(from_stage):]:
+                (path / "stages" / f"{name}.json").unlink(missing_ok=True)
+            if STAGES.index(from_stage) <= STAGES.index("adapters"):
+                shutil.rmtree(path / "adapters.ckpt", ignore_errors=True)
+        self.records = {p.stem: json.loads(p.read_text()) for p in (path / "stages").glob("*.json")}
+        self.console = console
+        finished = [n for n in STAGES if n in self.records]
+        if finished and console is not None:
+            console.print(f"[dim]resuming {path}: done {', '.join(finished)}[/dim]")
+
+    def todo(self, stage: str) -> bool:
+        return stage not in self.records
+
+    def done(self, stage: str, started: float, **figures) -> None:
+        rec = {"seconds": round(time.perf_counter() - started, 1), **figures}
+        (self.path / "stages" / f"{stage}.json").write_text(json.dumps(rec))
+        self.records[stage] = rec
+
+    def finish(self, out: Path) -> World:
+        """Move the world's parts into `out` (atomically: a sibling then a rename) and drop the rest."""
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            for part in ("base", "skills", "adapters", "bank", MANIFEST):
+                os.rename(self.path / part, tmp / part)
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(self.path, ignore_errors=True)
+        return World.load(out)
+
+
+def _sample_json(s: data.Sample) -> dict:
+    p = s.problem
+    return {"question": p.question, "steps": [[x.left, x.op, x.right] for x in p.steps], "text": s.text,
+            "finished": s.finished}
+
+
+def _sample_from_json(d: dict) -> data.Sample:
+    from .tasks import Problem, Step
+
+    return data.Sample(Problem(d["question"], tuple(Step(*x) for x in d["steps"])), d["text"], d["finished"])
 
 
 @dataclass(frozen=True)

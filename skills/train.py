@@ -155,6 +155,30 @@ class MultiLora:
             y[..., col:col + d_out] += delta * (self.scaling * mask)
             col += d_out
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the adapters and their optimizer (for a resumable build; safetensors)."""
+        out = {f"A.{k}": t for k, t in self.lora_A.items()} | {f"B.{k}": t for k, t in self.lora_B.items()}
+        for (kind, key), (m, v) in self._m.items():
+            out[f"m.{kind}.{key}"], out[f"v.{kind}.{key}"] = m, v
+        out["steps"] = self._steps
+        return {k: t.contiguous() for k, t in out.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `state_dict()` of a MultiLora of the same sizes (checked)."""
+        for kind, store in (("A", self.lora_A), ("B", self.lora_B)):
+            for k in store:
+                t = state.get(f"{kind}.{k}")
+                if t is None or t.shape != store[k].shape:
+                    raise ValueError(f"checkpoint does not match these adapters at {kind}.{k}: "
+                                     f"{None if t is None else tuple(t.shape)} vs {tuple(store[k].shape)}")
+                store[k] = t.clone()
+        self._m = {}
+        for name, t in state.items():
+            if name.startswith("m."):
+                _, kind, key = name.split(".", 2)
+                self._m[(kind, key)] = (t.clone(), state[f"v.{kind}.{key}"].clone())
+        self._steps = state["steps"].clone()
+
     def adapter(self, i: int, name: str, config: dict) -> LoraAdapter:
         """Adapter i as a `LoraAdapter` (scaling folded into lora_B), ready to save or compress."""
         lora_A, lora_B = {}, {}
@@ -242,19 +266,36 @@ def multi_lora_step(multi: MultiLora, loss_fn, adapter_ids: Callable[[object], t
 
 
 def fit(step: Step, sample: Callable[[random.Random, int], object], cfg: TrainConfig, desc: str,
-        progress=None, note: Callable[[], str] | None = None) -> list[float]:
+        progress=None, note: Callable[[], str] | None = None, resume: dict | None = None,
+        checkpoint: Callable[[dict], None] | None = None, every: int = 0) -> list[float]:
     """`sample(rng, batch_size)` -> `step(batch, lr)` for `cfg.steps` steps, with a progress bar
-    showing the running loss. Returns the loss curve."""
+    showing the running loss and the time left. Returns the loss curve.
+
+    Resumable: every `every` steps (and at the end) `checkpoint(state)` gets the loop's state
+    (`{"step", "losses", "rng"}`, plain JSON); `resume=state` continues from it and draws the
+    same batches the uninterrupted run would have drawn."""
     rng = random.Random(cfg.seed)
     losses: list[float] = []
-    task = progress.add_task(desc, total=cfg.steps, loss=float("nan")) if progress is not None else None
-    for i in range(cfg.steps):
+    start = 0
+    if resume is not None:
+        start, losses = int(resume["step"]), list(resume["losses"])
+        version, internal, gauss = resume["rng"]
+        rng.setstate((version, tuple(internal), gauss))
+    task = progress.add_task(desc, total=cfg.steps, completed=start,
+                             loss=_mean(losses[-20:])) if progress is not None else None
+    for i in range(start, cfg.steps):
         losses.append(step(sample(rng, cfg.batch_size), _lr_at(i, cfg.steps, cfg.lr, cfg.warmup)))
         if progress is not None:
-            progress.update(task, advance=1, loss=sum(losses[-20:]) / len(losses[-20:]))
+            progress.update(task, advance=1, loss=_mean(losses[-20:]))
             if note is not None and i % 20 == 0:
                 progress.update(task, description=f"{desc} ({note()})")
+        if checkpoint is not None and (i + 1 == cfg.steps or every and (i + 1) % every == 0):
+            checkpoint({"step": i + 1, "losses": losses, "rng": list(rng.getstate())})
     return losses
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def buckets(batch: Sequence[Example], n: int = 3) -> list[list[Example]]:

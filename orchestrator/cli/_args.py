@@ -16,8 +16,8 @@ import types
 import typing
 from collections.abc import Callable
 
-SHORT_FLAGS = {"out": "-o", "name": "-n", "json": "-j"}
-"""Short aliases for common options."""
+SHORT_FLAGS = {"out": "-o", "name": "-n", "json": "-j", "from_stage": "--from"}
+"""Short aliases for common options (`from_stage`: `from` is a Python keyword)."""
 
 
 def _doc_parts(fn: Callable) -> tuple[str, str, dict[str, str]]:

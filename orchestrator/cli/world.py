@@ -16,7 +16,8 @@ err_console = Console(stderr=True)
 
 
 def world_build(*, out: str = "kilolora-world", seed: int = 0, quick: bool = False, overwrite: bool = False,
-                no_eval: bool = False, reuse_base: str | None = None) -> None:
+                no_eval: bool = False, reuse_base: str | None = None, from_stage: str | None = None,
+                checkpoint_every: int = 100) -> None:
     """Train the default world from scratch: tokenizer, base model, skills, task family, bank.
 
     Stages: pretrain a small Llama on arithmetic solutions (with and without calculator blocks)
@@ -25,6 +26,11 @@ def world_build(*, out: str = "kilolora-world", seed: int = 0, quick: bool = Fal
     through the serving layers; export them as PEFT adapters; compress the task family into one
     bank; evaluate. The full build takes about an hour on 2 CPU cores (see README);
     --quick builds a micro world in seconds (for tests). The world is written atomically.
+
+    Resumable: the stages (base, sampling, adapters, export, eval) work in .OUT.build/ beside
+    OUT and keep what they finished, and the adapter stage checkpoints itself; run the same
+    command again after an interruption and it goes on where it stopped. --from STAGE redoes a
+    stage and every later one.
 
     To refresh the embedded copy: kilolora world build --out skills/default_world --overwrite
 
@@ -36,13 +42,17 @@ def world_build(*, out: str = "kilolora-world", seed: int = 0, quick: bool = Fal
       no_eval: skip the evaluation recorded in world.json
       reuse_base: take the base model from this checkpoint directory (a previous build's base/,
         same seed and sizes) instead of pretraining it again (recorded in world.json)
+      from_stage: redo this stage and the later ones (base, sampling, adapters, export, eval)
+      checkpoint_every: adapter-training steps between checkpoints
     """
     from skills.build import BuildConfig, build
 
     cfg = BuildConfig.quick(seed) if quick else BuildConfig(seed=seed)
     t0 = time.perf_counter()
+    if checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {checkpoint_every}")
     world = build(out, cfg, overwrite=overwrite, console=err_console, evaluate_after=not no_eval,
-                  reuse_base=reuse_base)
+                  reuse_base=reuse_base, from_stage=from_stage, checkpoint_every=checkpoint_every)
     err_console.print(f"built {world.path} in {time.perf_counter() - t0:.0f} s "
                       f"({len(world.tasks)} task adapters in the bank, {len(world.skills()) - len(world.tasks)} skills)")
     if "eval" in world.manifest:

@@ -157,3 +157,69 @@ def test_world_retrain_replaces_only_the_chosen_skills(quick_world, tmp_path):
     assert not [p for p in w.iterdir() if p.name.startswith(".retrain")]  # nothing left behind
     bad = kilolora("world", "retrain", "--world", w, "--skills", "tool_selector", check=False)
     assert bad.returncode == 1 and "can retrain" in bad.stderr
+
+
+def _tensors(world: World) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for d in sorted((world.path / "skills").iterdir()) + sorted(world.adapters_dir.iterdir()):
+        out |= {f"{d.name}/{k}": t for k, t in load_file(str(d / "adapter_model.safetensors")).items()}
+    return out
+
+
+def test_an_interrupted_build_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """A quick build killed in the adapter stage, run again: the finished stages are not redone,
+    training goes on from its last checkpoint, and every adapter equals an uninterrupted build's."""
+    from skills import build as B
+
+    cfg = B.BuildConfig.quick(seed=2)
+    cfg.adapter_steps = 20
+    whole = B.build(tmp_path / "whole", cfg, evaluate_after=False, checkpoint_every=5)
+
+    real_step = B.multi_lora_step
+    calls = {"n": 0}
+
+    def dying_step(*a, **kw):
+        step = real_step(*a, **kw)
+
+        def run(batch, lr):
+            calls["n"] += 1
+            if calls["n"] == 13:
+                raise KeyboardInterrupt
+            return step(batch, lr)
+        return run
+
+    monkeypatch.setattr(B, "multi_lora_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        B.build(tmp_path / "resumed", cfg, evaluate_after=False, checkpoint_every=5)
+    work = tmp_path / ".resumed.build"
+    assert {p.stem for p in (work / "stages").glob("*.json")} == {"base", "sampling"}
+    assert json.loads((work / "adapters.ckpt" / "loop.json").read_text())["step"] == 10
+    assert not (tmp_path / "resumed").exists()
+
+    monkeypatch.setattr(B, "multi_lora_step", real_step)
+    monkeypatch.setattr(B, "train_base", lambda *a, **k: pytest.fail("the finished base stage ran again"))
+    monkeypatch.setattr(B, "sample_solutions", lambda *a, **k: pytest.fail("the finished sampling ran again"))
+    resumed = B.build(tmp_path / "resumed", cfg, evaluate_after=False, checkpoint_every=5)
+    assert not work.exists()
+    a, b = _tensors(whole), _tensors(resumed)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0, msg=k)
+    assert resumed.manifest["training"]["tasks_final_loss"] == whole.manifest["training"]["tasks_final_loss"]
+
+
+def test_a_build_with_other_settings_does_not_reuse_the_work_directory(tmp_path, monkeypatch):
+    from skills import build as B
+
+    cfg = B.BuildConfig.quick(seed=3)
+    monkeypatch.setattr(B, "sample_solutions", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        B.build(tmp_path / "w", cfg, evaluate_after=False)
+    other = B.BuildConfig.quick(seed=3)
+    other.bank_rank = 3
+    with pytest.raises(ValueError, match="bank_rank"):
+        B.build(tmp_path / "w", other, evaluate_after=False)
+    with pytest.raises(ValueError, match="--from must be one of"):
+        B.build(tmp_path / "w", other, evaluate_after=False, from_stage="bogus")
