@@ -78,6 +78,9 @@ class BuildConfig:
     checker_share: float = 0.25
     """share of the task batch for the per-task verifiers (they learn from one answer token per
     example, the transformations from every character); the rest is drawn uniformly over tasks"""
+    variety: float = 0.3
+    """chance that a training conversation phrases its question in words, and (each) that it opens
+    with a system prompt or an earlier turn: what lets the base and skills serve real chats"""
     contrast_share: float = 0.5
     """share of verifier / step-checker examples made from a right solution and its twin with one
     wrong digit (the rest: the base's own samples)"""
@@ -160,7 +163,7 @@ def train_base(out: Path, tok, cfg: BuildConfig, progress) -> list[float]:
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                      tie_word_embeddings=False)
     model = LlamaForCausalLM(mc)
-    enc = data.Encoder(tok)
+    enc = data.Encoder(tok, cfg.variety)
     train_problems = problems(20000 if cfg.base_steps > 100 else 200, cfg.seed, "train")
     tr, _ = family(cfg)
     sample = lambda rng, n: [data.base_example(enc, rng, train_problems, tr, cfg.seed) for _ in range(n)]  # noqa: E731
@@ -209,7 +212,7 @@ def train_adapters(base_dir: Path, tok, samples: list[data.Sample], cfg: BuildCo
     from serving.model import load_model
 
     model = load_model(base_dir)
-    enc = data.Encoder(tok)
+    enc = data.Encoder(tok, cfg.variety)
     tr, checked = family(cfg)
     n_skills = len(SKILLS)
     multi = MultiLora(model, n_skills + len(tr) + len(checked), r=cfg.r, lora_alpha=cfg.lora_alpha, seed=cfg.seed)
@@ -558,10 +561,10 @@ def retrain_skills(world_dir: str | os.PathLike, names: tuple[str, ...] = RETRAI
         raise ValueError(f"steps and batch must be >= 1, got {steps}, {batch}")
     world = World.load(world_dir)
     known = {f.name for f in fields(BuildConfig)}
-    cfg = BuildConfig(**{k: v for k, v in world.manifest["build"].items() if k in known})
+    cfg = BuildConfig(**{"variety": 0.0, **{k: v for k, v in world.manifest["build"].items() if k in known}})
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(world.base_dir))
-    enc = data.Encoder(tok)
+    enc = data.Encoder(tok, cfg.variety)  # a world built before `variety` was trained on plain prompts
     with _progress(console) as progress:
         pools = _Pools(sample_solutions(world.base_dir, cfg, progress=progress))
         model = load_model(world.base_dir)
@@ -646,9 +649,10 @@ class _Pools:
         if rng.random() < contrast_share or not (self.bad and self.steps_bad):
             return data.contrast_example(enc, rng, rng.choice(self.good), skill, adapter)
         if skill == "verifier":
-            return data.verifier_example(enc, rng.choice(self.good if rng.random() < 0.5 else self.bad), adapter)
+            return data.verifier_example(enc, rng.choice(self.good if rng.random() < 0.5 else self.bad), adapter,
+                                         rng=rng)
         s, k, ok = rng.choice(self.steps_good if rng.random() < 0.5 else self.steps_bad)
-        return data.self_eval_example(enc, s, k, ok, adapter)
+        return data.self_eval_example(enc, s, k, ok, adapter, rng=rng)
 
 
 class _Parts:

@@ -4,6 +4,10 @@ Texts are encoded segment by segment with a learn flag per segment (the tokenize
 per character, so segments concatenate exactly). The base model learns solutions, with tool
 blocks whose call and result it does *not* learn to write (the tool selector proposes the call,
 the calculator writes the result); instructed transformations. Skills learn their answers only.
+
+Conversations vary as users' do (`Encoder(variety=...)`): a question may come phrased in words
+("What is 58*63-17?"), after a system prompt, or after an earlier exchange, so that the base and
+the skills on it read the problem wherever it sits in the chat. The prompt never carries loss.
 """
 
 from __future__ import annotations
@@ -23,19 +27,44 @@ _EXPR_RE = re.compile(r"(-?\d+)([*+-])(\d+)$")
 _VALUE_RE = re.compile(r"=\s*(-?\d+)")
 
 
+PHRASINGS = ["{q}", "What is {q}?", "what is {q}", "Compute {q}.", "Calculate {q}", "{q} = ?", "{q}=?",
+             "Please solve {q}", "Solve: {q}", "How much is {q}?", "{q}?", "Can you work out {q}?",
+             "What's {q}?", "Evaluate {q}.", "I need {q}", "Quick one: {q}"]
+"""how users ask an arithmetic question `{q}` (the first is the world's own form)"""
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "You are a helpful assistant. Answer the question.",
+                  "You are a careful math tutor. Show your steps.", "Answer concisely.",
+                  "You are kilolora, a small model that solves arithmetic and string tasks.",
+                  "Think step by step.", "You are an AI assistant that helps people find information.",
+                  "Be precise."]
+"""system prompts agent frameworks and users commonly send"""
+
+
+def phrase(question: str, rng: random.Random) -> str:
+    """An arithmetic question as a user might write it."""
+    return rng.choice(PHRASINGS).format(q=question)
+
+
 @dataclass
 class Encoder:
-    """Chat-formatted encoding with per-segment learn flags."""
+    """Chat-formatted encoding with per-segment learn flags. With `variety` > 0 and an `rng`,
+    `prompt` adds, each with probability `variety`, a system prompt and an earlier exchange."""
 
     tokenizer: object
+    variety: float = 0.0
 
     def ids(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def prompt(self, user: str) -> list[int]:
-        """`<bos><|user|>{user}<|end|><|assistant|>` as ids."""
-        return self.ids(self.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                           add_generation_prompt=True))
+    def prompt(self, user: str, rng: random.Random | None = None) -> list[int]:
+        """`<bos><|user|>{user}<|end|><|assistant|>` as ids (with `rng`: maybe a system prompt and
+        an earlier turn before it)."""
+        msgs = [{"role": "user", "content": user}]
+        if rng is not None and self.variety > 0:
+            if rng.random() < self.variety:
+                msgs = _earlier_turn(rng) + msgs
+            if rng.random() < self.variety:
+                msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] + msgs
+        return self.ids(self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
 
     def segments(self, parts: Sequence[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
         ids, learn = [], []
@@ -45,8 +74,9 @@ class Encoder:
             learn += [flag] * len(t)
         return ids, learn
 
-    def example(self, user: str, parts: Sequence[tuple[str, bool]], **kw) -> Example:
-        p = self.prompt(user)
+    def example(self, user: str, parts: Sequence[tuple[str, bool]], rng: random.Random | None = None,
+                **kw) -> Example:
+        p = self.prompt(user, rng)
         ids, learn = self.segments(parts)
         return lm_example(p + ids, len(p), [False] * len(p) + learn, **kw)
 
@@ -57,6 +87,25 @@ class Encoder:
         ans = self.ids(answer)
         tokens = context + inv + ans
         return lm_example(tokens, len(context) + len(inv), start=len(context), **kw)
+
+
+def _earlier_turn(rng: random.Random) -> list[dict]:
+    """One earlier exchange of the chat: an arithmetic problem and its solution, a transformation
+    and its result, or a greeting."""
+    from .tasks import make_problem
+
+    u = rng.random()
+    if u < 0.5:
+        p = make_problem(rng)
+        return [{"role": "user", "content": phrase(p.question, rng)},
+                {"role": "assistant", "content": p.solution(tool=rng.random() < 0.5)}]
+    if u < 0.8:
+        t = Transform(*rng.choice([("shift", str(rng.randint(1, 25))), ("add", str(rng.randint(1, 9))),
+                                   ("replace", " ".join(rng.sample("abcdefghijklmnopqrstuvwxyz", 2)))]))
+        x = t.make_input(rng)
+        return [{"role": "user", "content": f"{t.instruction}: {x}"}, {"role": "assistant", "content": t.apply(x)}]
+    return [{"role": "user", "content": rng.choice(["hi", "hello", "Hi there!", "thanks"])},
+            {"role": "assistant", "content": rng.choice(["Hello!", "Hi! Ask me a problem.", "You're welcome."])}]
 
 
 def solution_parts(problem: Problem, tool: bool) -> list[tuple[str, bool]]:
@@ -79,10 +128,11 @@ def base_example(enc: Encoder, rng: random.Random, problems: Sequence[Problem], 
     u = rng.random()
     if u < 0.7:
         p = rng.choice(problems)
-        return enc.example(p.question, solution_parts(p, tool=u >= 0.45))
+        q = phrase(p.question, rng) if enc.variety and rng.random() < enc.variety else p.question
+        return enc.example(q, solution_parts(p, tool=u >= 0.45), rng=rng)
     t = rng.choice(transforms)
     x = t.make_input(rng)
-    return enc.example(f"{t.instruction}: {x}", [(t.apply(x), True), (EOS, True)])
+    return enc.example(f"{t.instruction}: {x}", [(t.apply(x), True), (EOS, True)], rng=rng)
 
 
 # ------------------------------------------------------------------------------------ skills
@@ -114,20 +164,30 @@ class Sample:
         return out
 
 
-def verifier_context(enc: Encoder, problem: Problem, solution: str) -> list[int]:
+def _question(enc: Encoder, problem: Problem, rng: random.Random | None) -> list[int]:
+    """The conversation's prompt for `problem`: the world's form, or (with `rng` and the encoder's
+    variety) phrased in words after a system prompt or an earlier turn."""
+    if rng is None or not enc.variety:
+        return enc.prompt(problem.question)
+    q = phrase(problem.question, rng) if rng.random() < enc.variety else problem.question
+    return enc.prompt(q, rng)
+
+
+def verifier_context(enc: Encoder, problem: Problem, solution: str, rng: random.Random | None = None) -> list[int]:
     """What the verifier reads: the conversation with the finished solution (its `<|end|>`)."""
-    return enc.prompt(problem.question) + enc.ids(solution + EOS)
+    return _question(enc, problem, rng) + enc.ids(solution + EOS)
 
 
-def self_eval_context(enc: Encoder, problem: Problem, steps: Sequence[str]) -> list[int]:
+def self_eval_context(enc: Encoder, problem: Problem, steps: Sequence[str], rng: random.Random | None = None
+                      ) -> list[int]:
     """What the step checker reads: the conversation up to the end of the step to judge."""
-    return enc.prompt(problem.question) + enc.ids(" ".join(steps))
+    return _question(enc, problem, rng) + enc.ids(" ".join(steps))
 
 
-def selector_context(enc: Encoder, problem: Problem, done: str) -> list[int]:
+def selector_context(enc: Encoder, problem: Problem, done: str, rng: random.Random | None = None) -> list[int]:
     """What the tool selector reads: the conversation up to a step boundary (`done` ends with a
     space, or is empty at the start of the solution)."""
-    return enc.prompt(problem.question) + enc.ids(done)
+    return _question(enc, problem, rng) + enc.ids(done)
 
 
 def selector_target(step) -> str:
@@ -188,19 +248,21 @@ def wrong_solution(problem: Problem, rng: random.Random) -> str:
     return " ".join(parts) + f" Answer: {prev}"
 
 
-def verifier_example(enc: Encoder, s: Sample, adapter: int, text: str | None = None, ok: bool | None = None) -> Example:
+def verifier_example(enc: Encoder, s: Sample, adapter: int, text: str | None = None, ok: bool | None = None,
+                     rng: random.Random | None = None) -> Example:
     """Is the finished solution right? The verifier reads the calculator's check of its claims."""
     text = text if text is not None else s.text
     ok = ok if ok is not None else s.correct
-    return enc.invoked(verifier_context(enc, s.problem, text), VERIFY, YES if ok else NO,
+    return enc.invoked(verifier_context(enc, s.problem, text, rng), VERIFY, YES if ok else NO,
                        evidence=evidence(calc_checks(text)), adapter=adapter)
 
 
-def self_eval_example(enc: Encoder, s: Sample, k: int, ok: bool, adapter: int, steps: list[str] | None = None) -> Example:
+def self_eval_example(enc: Encoder, s: Sample, k: int, ok: bool, adapter: int, steps: list[str] | None = None,
+                      rng: random.Random | None = None) -> Example:
     """Is step k right? The step checker reads the calculator's check of the claims so far."""
     steps = steps if steps is not None else split_steps(s.text)
     text = " ".join(steps[: k + 1])
-    return enc.invoked(self_eval_context(enc, s.problem, steps[: k + 1]), CHECK, YES if ok else NO,
+    return enc.invoked(self_eval_context(enc, s.problem, steps[: k + 1], rng), CHECK, YES if ok else NO,
                        evidence=evidence(calc_checks(text)), adapter=adapter)
 
 
@@ -210,26 +272,26 @@ def contrast_example(enc: Encoder, rng: random.Random, s: Sample, skill: str, ad
     teaches a skill to judge the answer rather than the problem's difficulty."""
     ok = rng.random() < 0.5
     if skill == "verifier":
-        return verifier_example(enc, s, adapter, s.text if ok else wrong_solution(s.problem, rng), ok)
+        return verifier_example(enc, s, adapter, s.text if ok else wrong_solution(s.problem, rng), ok, rng)
     steps = split_steps(s.text)
     k = rng.randrange(len(steps))
     if not ok:
         steps = steps[:k] + [corrupt_claim(steps[k], rng)]
-    return self_eval_example(enc, s, k, ok, adapter, steps)
+    return self_eval_example(enc, s, k, ok, adapter, steps, rng)
 
 
 def selector_example(enc: Encoder, rng: random.Random, problem: Problem, adapter: int) -> Example:
     done, step = rng.choice(problem.prefixes(tool=rng.random() < 0.7))
-    return enc.invoked(selector_context(enc, problem, done), SELECT, selector_target(step), adapter=adapter)
+    return enc.invoked(selector_context(enc, problem, done, rng), SELECT, selector_target(step), adapter=adapter)
 
 
 def task_example(enc: Encoder, rng: random.Random, t: Transform, adapter: int) -> Example:
     x = t.make_input(rng)
-    return enc.example(t.prompt(x), [(t.apply(x), True), (EOS, True)], adapter=adapter)
+    return enc.example(t.prompt(x), [(t.apply(x), True), (EOS, True)], rng=rng, adapter=adapter)
 
 
-def checker_context(enc: Encoder, t: Transform, x: str, candidate: str) -> list[int]:
-    return enc.prompt(t.prompt(x)) + enc.ids(candidate + EOS)
+def checker_context(enc: Encoder, t: Transform, x: str, candidate: str, rng: random.Random | None = None) -> list[int]:
+    return enc.prompt(t.prompt(x), rng) + enc.ids(candidate + EOS)
 
 
 def checker_candidate(t: Transform, x: str, good: bool, rng: random.Random) -> str:
@@ -252,5 +314,5 @@ def checker_example(enc: Encoder, rng: random.Random, t: Transform, adapter: int
     """A per-task verifier's example: is the candidate the task's output for `x`? (half are not)"""
     x = t.make_input(rng)
     good = rng.random() < 0.5
-    return enc.invoked(checker_context(enc, t, x, checker_candidate(t, x, good, rng)), VERIFY, YES if good else NO,
+    return enc.invoked(checker_context(enc, t, x, checker_candidate(t, x, good, rng), rng), VERIFY, YES if good else NO,
                        adapter=adapter)

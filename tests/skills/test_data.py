@@ -156,3 +156,37 @@ def test_calculator_evidence_and_twins_against_brute_force(tok):
     inv = v.tokens.index(tok.convert_tokens_to_ids(VERIFY))
     # the evidence is inside the adapter's span (after the invocation), the answer after it
     assert v.start == inv and tok.decode(v.tokens[inv + 1:-1]) == data.evidence(data.calc_checks(s.text))
+
+
+def test_varied_conversations_keep_the_question_and_learn_only_the_answer(tok):
+    """With variety, questions come phrased in words, after system prompts and earlier turns; the
+    problem's expression is still in the last user turn, the prompt carries no loss, and the
+    learned part is the same solution as with the plain prompt."""
+    from skills.tasks import make_problem
+    from skills.train import IGNORE
+
+    enc, plain = data.Encoder(tok, variety=0.5), data.Encoder(tok)
+    rng = random.Random(0)
+    probs = [make_problem(random.Random(i)) for i in range(50)]
+    seen_system = seen_history = seen_words = 0
+    for _ in range(300):
+        ex = data.base_example(enc, rng, probs, transform_family(2, 1, 2), 0)
+        text = tok.decode(ex.tokens, skip_special_tokens=False)
+        last_user = text.rsplit("<|user|>", 1)[1].split("<|end|>", 1)[0]
+        start = max(i for i, t in enumerate(ex.tokens) if t == tok.convert_tokens_to_ids("<|assistant|>"))
+        assert all(t == IGNORE for t in ex.targets[:start])  # nothing of the prompt is learned
+        answer = tok.decode([t for t in ex.targets if t != IGNORE], skip_special_tokens=False)
+        p = next((p for p in probs if p.question in last_user), None)
+        if p is not None:  # arithmetic: the solution learned equals the plain prompt's
+            ref = plain.example(p.question, data.solution_parts(p, tool=CALC_OPEN in text.rsplit("<|assistant|>", 1)[1]))
+            assert answer == tok.decode([t for t in ref.targets if t != IGNORE], skip_special_tokens=False)
+            seen_words += last_user != p.question
+        seen_system += "<|system|>" in text
+        seen_history += text.count("<|user|>") > 1
+    assert seen_system > 30 and seen_history > 30 and seen_words > 30
+    # without variety (the default) nothing changes and the rng is not consumed
+    a, b = random.Random(5), random.Random(5)
+    ex = data.base_example(plain, a, probs, transform_family(2, 1, 2), 0)
+    assert "<|system|>" not in tok.decode(ex.tokens, skip_special_tokens=False)
+    data.verifier_context(plain, probs[0], probs[0].solution(), b)
+    assert b.random() == random.Random(5).random()
