@@ -1,17 +1,20 @@
 """Benchmark `compression.compress` on planted LoRA collections at Mistral-7B attention shapes.
 
 Measures, per collection size n and method (per-adapter svd, jd-full, jd-diag, jd-full with K
-clusters): parameters before / after, reconstruction error (relative Frobenius, per adapter),
-wall time of the compress call, and peak memory. Every (n, method) runs in a fresh subprocess
-that generates its own data from the seed, so its peak RSS (`ru_maxrss`, which includes the
-generated input and the imports) belongs to that one configuration; the JSON also has the RSS just
-before compress. The svd baseline is the comparator: "time vs svd" is time / svd time and
-"saved vs svd" is 1 − params after / svd params after, both at the same n.
+clusters, jd-full weighted by 1/‖ΔW_i‖²): parameters before / after, reconstruction error
+(relative Frobenius, per adapter), the iterations the fits took to converge (max and mean over
+slots and clusters, and the share that met the tolerance), wall time of the compress call, and
+peak memory. Every (n, method) runs in a fresh subprocess that generates its own data from the
+seed, so its peak RSS (`ru_maxrss`, which includes the generated input and the imports) belongs
+to that one configuration; the JSON also has the RSS just before compress. The svd baseline is
+the comparator: "time vs svd" is time / svd time and "saved vs svd" is 1 − params after / svd
+params after, both at the same n.
 
 Adapters are r=16 LoRAs on q (4096→4096), k and v (4096→1024) of every layer, built in memory
 with `compression.synthetic.planted_factors`: `--groups` groups, each with its own shared bases
-of rank `--shared-rank`, plus noise. Method follows Brüel-Gabrielsson et al., "Compress then
-Serve" (ICML 2025).
+of rank `--shared-rank`, plus noise. `--norm-spread S` scales adapter i's ΔW by S^u_i with u_i
+uniform in [0, 1], where the relative weighting matters (the default 1 keeps the planted norms).
+Method follows Brüel-Gabrielsson et al., "Compress then Serve" (ICML 2025).
 
     python benchmarks/bench_compression.py --hidden 512 --n 10 50    # quick, under a minute
     python benchmarks/bench_compression.py                           # hidden 4096, n = 10 100
@@ -39,12 +42,12 @@ from compression import Collection, CompressConfig, LoraAdapter, compress
 from compression.synthetic import PlantedSpec, planted_factors
 
 MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj"}
-METHODS = ("svd", "jd-full", "jd-diag", "jd-full+clusters")
+METHODS = ("svd", "jd-full", "jd-diag", "jd-full+clusters", "jd-full+relative")
 ADAPTER_RANK = 16
 
 
-def make_collection(n, hidden, layers, modules, shared_rank, groups, noise, seed) -> Collection:
-    """A planted collection of n rank-16 adapters, in memory (no disk)."""
+def make_collection(n, hidden, layers, modules, shared_rank, groups, noise, seed, norm_spread=1.0) -> Collection:
+    """A planted collection of n rank-16 adapters, in memory (no disk); ΔW_i scaled by norm_spread^u_i."""
     shapes = {"q": (hidden, hidden), "k": (hidden, hidden // 4), "v": (hidden, hidden // 4)}  # (in, out)
     spec = PlantedSpec(
         n=n,
@@ -57,6 +60,9 @@ def make_collection(n, hidden, layers, modules, shared_rank, groups, noise, seed
         seed=seed,
     )
     As, Bs, _ = planted_factors(spec)  # per adapter: slot -> (r, d_in), slot -> (d_out, r)
+    if norm_spread != 1.0:
+        u = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1))
+        Bs = [{s: b * norm_spread ** float(u[i]) for s, b in Bs[i].items()} for i in range(n)]
     config = {
         "r": ADAPTER_RANK,
         "lora_alpha": ADAPTER_RANK,  # scaling 1: the planted factors are already the effective ones
@@ -66,17 +72,20 @@ def make_collection(n, hidden, layers, modules, shared_rank, groups, noise, seed
     return Collection([LoraAdapter(f"adapter_{i:04d}", dict(config), As[i], Bs[i]) for i in range(n)])
 
 
-def make_config(method: str, rank: int, clusters: int, iters: int, device: str, seed: int) -> CompressConfig:
+def make_config(method: str, rank: int, clusters: int, iters: int | None, tol: float, device: str, seed: int) -> CompressConfig:
+    common = dict(rank=rank, iters=iters, tol=tol, device=device, seed=seed)
     if method == "jd-full+clusters":
-        return CompressConfig(method="jd-full", rank=rank, clusters=clusters, iters=iters, device=device, seed=seed)
-    return CompressConfig(method=method, rank=rank, clusters=1, iters=iters, device=device, seed=seed)
+        return CompressConfig(method="jd-full", clusters=clusters, **common)
+    if method == "jd-full+relative":
+        return CompressConfig(method="jd-full", clusters=1, weighting="relative", **common)
+    return CompressConfig(method=method, clusters=1, **common)
 
 
 def check_correctness(device: str) -> None:
     """Zero noise, one group: JD-Full at rank = shared rank and svd at full rank must be exact."""
     coll = make_collection(8, 64, 2, ("q", "k", "v"), shared_rank=8, groups=1, noise=0.0, seed=123)
     for method, rank in (("jd-full", 8), ("svd", ADAPTER_RANK)):
-        stats = compress(coll, make_config(method, rank, 1, 10, device, 0)).stats()
+        stats = compress(coll, make_config(method, rank, 1, None, 1e-4, device, 0)).stats()
         if not stats["rel_error_mean"] < 1e-4:
             sys.exit(
                 f"correctness check failed: {method} at rank {rank} on a noiseless planted collection "
@@ -102,14 +111,15 @@ def _rss_mb() -> float | None:
 def worker(job: dict) -> dict:
     """Runs in a fresh process: generate the collection, time compress, report stats and peaks."""
     coll = make_collection(
-        job["n"], job["hidden"], job["layers"], job["modules"], job["shared_rank"], job["groups"], job["noise"], job["seed"]
+        job["n"], job["hidden"], job["layers"], job["modules"], job["shared_rank"], job["groups"], job["noise"], job["seed"],
+        job["norm_spread"],
     )
     input_bytes = sum(t.numel() * t.element_size() for a in coll.adapters for d in (a.lora_A, a.lora_B) for t in d.values())
-    cfg = make_config(job["method"], job["rank"], job["clusters"], job["iters"], job["device"], job["seed"])
+    cfg = make_config(job["method"], job["rank"], job["clusters"], job["iters"], job["tol"], job["device"], job["seed"])
     # Warm-up on a few of the same adapters: the first LAPACK call at a new size can take a second
     # (kernels paged in on first use), which is not the method's cost.
     few = Collection(coll.adapters[: min(job["n"], max(2 * cfg.clusters, 8))])
-    compress(few, make_config(job["method"], job["rank"], cfg.clusters, 2, job["device"], job["seed"]))
+    compress(few, make_config(job["method"], job["rank"], cfg.clusters, 2, job["tol"], job["device"], job["seed"]))
     rss_before = _rss_mb()
     if job["device"].startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -128,6 +138,8 @@ def worker(job: dict) -> dict:
         **{k: stats[k] for k in ("params_before", "params_after", "params_saved", "rel_error_mean", "rel_error_max")},
         "clusters": stats["clusters"],
         "cluster_sizes": stats["cluster_sizes"],
+        **{k: stats[k] for k in ("fit_iterations_max", "fit_iterations_mean", "fit_converged")},
+        "clustering_rounds": len(bank.history.get("clustering", [])),
         "time_s": statistics.median(times),
         "times_s": times,
         "cpu_times_s": cpu_times,
@@ -162,8 +174,9 @@ def print_table(rows: list[dict], device: str) -> None:
     from rich.table import Table
 
     table = Table(title="compress() on planted Mistral-7B q/k/v collections")
-    cols = ["n", "method", "params before", "params after", "saved %", "mean rel err", "max rel err", "time (s)",
-            "time vs svd", "saved vs svd %", "peak RSS (MB)", "input MB"] + (["peak GPU (MB)"] if device != "cpu" else [])
+    cols = ["n", "method", "params before", "params after", "saved %", "mean rel err", "max rel err", "iters max / mean",
+            "converged %", "time (s)", "time vs svd", "saved vs svd %", "peak RSS (MB)", "input MB"] + (
+        ["peak GPU (MB)"] if device != "cpu" else [])
     for c in cols:
         table.add_column(c, justify="left" if c == "method" else "right")
     for r in rows:
@@ -174,7 +187,8 @@ def print_table(rows: list[dict], device: str) -> None:
         cells = [
             str(r["n"]), r["method"], f"{r['params_before'] / 1e6:.2f}M", f"{r['params_after'] / 1e6:.2f}M",
             f"{100 * r['params_saved']:.1f}", f"{r['rel_error_mean']:.2e}", f"{r['rel_error_max']:.2e}",
-            f"{r['time_s']:.3f}", opt(r.get("time_vs_svd"), ".2f"), opt(r.get("saved_vs_svd"), ".1f", 100),
+            "-" if r.get("fit_iterations_max") is None else f"{r['fit_iterations_max']} / {r['fit_iterations_mean']:.1f}",
+            opt(r.get("fit_converged"), ".0f", 100), f"{r['time_s']:.3f}", opt(r.get("time_vs_svd"), ".2f"), opt(r.get("saved_vs_svd"), ".1f", 100),
             f"{r['peak_rss_mb']:.0f}", f"{r['input_mb']:.0f}",
         ] + ([opt(r["peak_gpu_mb"], ".0f")] if device != "cpu" else [])
         table.add_row(*cells)
@@ -191,11 +205,15 @@ def main(argv=None) -> None:
     p.add_argument("--hidden", type=int, default=4096, help="q is hidden→hidden, k and v hidden→hidden/4 (default: 4096)")
     p.add_argument("--rank", type=int, default=16, help="rank of the bank's bases (default: 16)")
     p.add_argument("--clusters", type=int, default=4, help="K for jd-full+clusters (default: 4)")
-    p.add_argument("--iters", type=int, default=10, help="alternating iterations per fit (default: 10)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="maximum alternating iterations per fit (default: compress's, 100 for jd-full, 500 for jd-diag)")
+    p.add_argument("--tol", type=float, default=1e-4, help="convergence tolerance of the fits, relative (default: 1e-4)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--groups", type=int, default=4, help="planted groups, each with its own bases (default: 4)")
     p.add_argument("--shared-rank", type=int, default=16, help="rank of each group's planted bases (default: 16)")
     p.add_argument("--noise", type=float, default=0.05, help="planted noise ε (default: 0.05)")
+    p.add_argument("--norm-spread", type=float, default=1.0,
+                   help="scale adapter i by SPREAD^u_i, u_i uniform in [0, 1] (default: 1, planted norms)")
     p.add_argument("--repeats", type=int, default=3, help="compress calls per configuration; the median is shown (default: 3)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--seed", type=int, default=0)
@@ -217,19 +235,24 @@ def main(argv=None) -> None:
                 f"got n={args.n}, repeats={args.repeats}, layers={args.layers}, groups={args.groups}, "
                 f"shared_rank={args.shared_rank}")
 
+    if not (args.norm_spread > 0 and args.tol >= 0 and (args.iters is None or args.iters >= 0)):
+        p.error(f"--norm-spread must be > 0, --tol and --iters >= 0; got norm_spread={args.norm_spread}, "
+                f"tol={args.tol}, iters={args.iters}")
+
     gpu = f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") and torch.cuda.is_available() else ""
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": args.device + gpu}
     print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}{gpu}")
     print(f"settings: hidden={args.hidden} layers={args.layers} modules={','.join(args.modules)} adapter r={ADAPTER_RANK} "
-          f"groups={args.groups} shared_rank={args.shared_rank} noise={args.noise} | bank rank={args.rank} "
-          f"clusters={args.clusters} iters={args.iters} repeats={args.repeats} seed={args.seed}")
+          f"groups={args.groups} shared_rank={args.shared_rank} noise={args.noise} norm_spread={args.norm_spread} | "
+          f"bank rank={args.rank} clusters={args.clusters} iters={'default' if args.iters is None else args.iters} "
+          f"tol={args.tol} repeats={args.repeats} seed={args.seed}")
     check_correctness(args.device)
 
     rows = []
-    base = {k: getattr(args, k) for k in ("hidden", "layers", "modules", "rank", "clusters", "iters", "groups",
-                                          "shared_rank", "noise", "repeats", "device", "seed")}
+    base = {k: getattr(args, k) for k in ("hidden", "layers", "modules", "rank", "clusters", "iters", "tol", "groups",
+                                          "shared_rank", "noise", "norm_spread", "repeats", "device", "seed")}
     for n in args.n:
         for method in args.methods:
             if method == "jd-full+clusters" and args.clusters > n:

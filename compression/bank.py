@@ -82,7 +82,8 @@ class Bank:
     base_model_name_or_path: str | None = None
     target_modules: list[str] = field(default_factory=list)
     history: dict = field(default_factory=dict)
-    """relative objective Σ‖ΔW−ΔŴ‖²/Σ‖ΔW‖²: `fit` per iteration, `clustering` per round"""
+    """relative objective Σw‖ΔW−ΔŴ‖²/Σw‖ΔW‖²: `fit` per iteration, `clustering` per round; and of the
+    final fits `iterations` / `converged` (slot → one per cluster), `max_iters`, `tol`, `weighting`"""
     dtype: str = "float32"
 
     # ----------------------------------------------------------------------------- lookup
@@ -207,6 +208,8 @@ class Bank:
         bytes_before = sum(e.bytes for e in self.entries)
         bytes_after = after * _DTYPES[self.dtype].itemsize
         errs = [e.rel_error for e in self.entries]
+        iters = [i for i in _per_fit(self.history, "iterations") if not isinstance(i, bool) and isinstance(i, int)]
+        converged = [c for c in _per_fit(self.history, "converged") if isinstance(c, bool)]
         return {
             "method": self.method,
             "adapters": len(self.entries),
@@ -223,6 +226,9 @@ class Bank:
             "cluster_sizes": [sum(e.cluster == k for e in self.entries) for k in range(self.num_clusters)]
             if self.method != "svd"
             else [],
+            "fit_iterations_max": max(iters) if iters else None,
+            "fit_iterations_mean": sum(iters) / len(iters) if iters else None,
+            "fit_converged": sum(converged) / len(converged) if converged else None,
         }
 
     # ------------------------------------------------------------------------------- disk
@@ -363,6 +369,15 @@ class Bank:
             extra = sorted(set(e.slots) - slot_names)
             if extra:
                 raise ValueError(f"bank entry {e.name!r} adapts slot {extra[0]!r}, which the bank has no basis for")
+
+
+def _per_fit(history: dict, key: str) -> list:
+    """history[key] (slot → one value per cluster) flattened; other shapes (older banks, or a
+    hand-edited bank.json: the history is not checked) give none."""
+    per_slot = history.get(key)
+    if not isinstance(per_slot, dict):
+        return []
+    return [x for per_cluster in per_slot.values() if isinstance(per_cluster, list) for x in per_cluster]
 
 
 def _sha256(path: Path) -> str:

@@ -39,8 +39,11 @@ def compress(
     method: Literal["jd-full", "jd-diag", "svd"] = "jd-full",
     rank: int = 16,
     clusters: int = 1,
-    iters: int = 10,
+    iters: int | None = None,
+    tol: float = 1e-4,
+    weighting: Literal["uniform", "relative"] = "uniform",
     cluster_iters: int = 10,
+    min_cluster_size: int | None = None,
     seed: int = 0,
     device: str = "cpu",
     dtype: Literal["float32", "float16", "bfloat16"] | None = None,
@@ -64,8 +67,12 @@ def compress(
       method: jd-full (full r×r cores), jd-diag (diagonal cores) or svd (per-adapter truncation).
       rank: rank r of the shared bases.
       clusters: number of adapter clusters, each with its own bases (jd methods).
-      iters: alternating iterations of the final fit.
+      iters: maximum alternating iterations of each final fit (default: 100 for jd-full, 500 for jd-diag).
+      tol: a fit has converged once an iteration lowers its objective by less than TOL × the previous value.
+      weighting: uniform minimises the total squared error Σ‖ΔW−ΔŴ‖²; relative minimises the squared
+        relative errors Σ‖ΔW−ΔŴ‖²/‖ΔW‖², so adapters with large norms don't dominate the bases.
       cluster_iters: maximum reassignment rounds when clusters > 1.
+      min_cluster_size: fewest adapters per cluster (default: ⌈n/(4·clusters)⌉, keeps clusters from collapsing).
       seed: random seed; the same seed gives the same bank.
       device: cpu or cuda (falls back to cpu, with a warning, without a GPU).
       dtype: dtype of the stored bank (default: the adapters' dtype).
@@ -82,7 +89,10 @@ def compress(
     check_output(out_path, overwrite)  # before the fit; also restores a bank an interrupted overwrite left aside
     dirs = find_adapter_dirs(adapters)
     _refuse_inputs_at(out_path, dirs)
-    cfg = CompressConfig(method, rank, clusters, iters, cluster_iters, seed=seed, device=device, dtype=dtype)
+    cfg = CompressConfig(
+        method=method, rank=rank, clusters=clusters, iters=iters, tol=tol, weighting=weighting,
+        cluster_iters=cluster_iters, min_cluster_size=min_cluster_size, seed=seed, device=device, dtype=dtype,
+    )
     t0 = time.perf_counter()
     with _progress() as bar:
         task = bar.add_task("loading", total=len(dirs))
@@ -260,7 +270,17 @@ def _print_summary(bank: Bank, path: Path, seconds: float | None, as_json: bool,
     )
     fit = bank.history.get("fit", [])
     if fit:
-        t.add_row("objective", "  ".join(f"{h:.4g}" for h in fit) + "   (Σ‖ΔW−ΔŴ‖² / Σ‖ΔW‖² per iteration)")
+        what = "Σ(‖ΔW−ΔŴ‖²/‖ΔW‖²) / n" if bank.history.get("weighting") == "relative" else "Σ‖ΔW−ΔŴ‖² / Σ‖ΔW‖²"
+        shown = [f"{h:.4g}" for h in fit]
+        if len(shown) > 12:  # fits run to convergence, up to hundreds of iterations: the start and the end
+            shown = [*shown[:6], "…", *shown[-6:]]
+        t.add_row("objective", "  ".join(shown) + f"   ({what} per iteration)")
+    if stats.get("fit_iterations_max") is not None and stats.get("fit_converged") is not None:
+        t.add_row(
+            "iterations",
+            f"max {stats['fit_iterations_max']}, mean {stats['fit_iterations_mean']:.1f} per slot and cluster; "
+            f"{100 * stats['fit_converged']:.0f}% converged (tol {bank.history.get('tol')})",
+        )
     rounds = bank.history.get("clustering", [])
     if rounds:
         t.add_row("clustering", f"{len(rounds)} round(s), sizes {stats['cluster_sizes']}")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from compression import Bank, Collection, CompressConfig, LoraAdapter, compress, load_adapter, load_collection, save_adapter
-from compression.compress import _fill_empty
+from compression.compress import _enforce_min_size
 from compression.synthetic import PlantedSpec, planted_factors
 from tests.helpers import load_base, make_peft_adapter, peft_logits
 
@@ -72,7 +72,7 @@ def test_same_seed_same_bank_and_clusters_are_deterministic():
 
 def test_empty_clusters_are_refilled():
     err = torch.tensor([[0.0, 5.0, 5.0], [1.0, 5.0, 5.0], [4.0, 5.0, 5.0], [0.5, 0.1, 5.0]])
-    assign = _fill_empty(torch.tensor([0, 0, 0, 1]), err, 3)
+    assign = _enforce_min_size(torch.tensor([0, 0, 0, 1]), err, 3)
     assert sorted(torch.bincount(assign, minlength=3).tolist()) == [1, 1, 2]
     assert assign[2] == 2  # the adapter its cluster served worst moved to the empty one
     assert assign[3] == 1  # a singleton is never emptied
