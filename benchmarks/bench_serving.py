@@ -3,7 +3,8 @@
 For each N (adapters resident; each of the `--batch` (64) sequences draws its adapter uniformly from
 them, so N >> 64 means about 64 distinct adapters in every step) the same engine decodes:
   - `base`:        no adapter on any token (the comparator: every ratio is to this, same run);
-  - `bank K=1/8`:  adapters as entries of a JD-Full bank with 1 or 8 clusters (rank `--bank-rank`);
+  - `bank K=k`:    adapters as entries of a JD-Full bank with k clusters, for each k of `--clusters`
+                   (default 1 8 16; rank `--bank-rank`), entry i in cluster i mod k;
   - `dense`:       uncompressed LoRAs of rank `--rank` on all 7 projections (BGMV-style gather),
                    where they fit in `--dense-max-gb`.
 Beside it, `transformers` + `peft` with N adapters (N <= `--peft-max`), mixed in one batch via
@@ -185,6 +186,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128)
     ap.add_argument("--rank", type=int, default=8, help="rank of the dense adapters")
     ap.add_argument("--bank-rank", type=int, default=8, help="rank of the bank's shared bases")
+    ap.add_argument("--clusters", type=int, nargs="+", default=[1, 8, 16], help="bank cluster counts K, side by side")
     ap.add_argument("--dense-max-gb", type=float, default=4.0, help="skip dense runs above this much adapter memory")
     ap.add_argument("--peft-max", type=int, default=64, help="largest N run through peft (loading is slow)")
     ap.add_argument("--no-peft", action="store_true")
@@ -215,7 +217,7 @@ def main() -> None:
     nmax = max(a.n)
     per_dense = sum(a.rank * (s.in_features + s.out_features) for s in slots(engine)) * dtype.itemsize
     engines = {"base": engine}
-    for k in (1, 8):
+    for k in a.clusters:
         e = Engine.from_pretrained(tmp / "model", **kw)
         e.load_bank(random_bank(e, nmax, k, a.bank_rank, a.seed))
         engines[f"bank K={k}"] = e
@@ -229,8 +231,8 @@ def main() -> None:
     rows = []
     for n in a.n:
         pick = torch.randint(0, n, (a.batch,), generator=g).tolist()
-        names = {"base": [None] * a.batch, "bank K=1": [f"bank{i:04d}" for i in pick],
-                 "bank K=8": [f"bank{i:04d}" for i in pick], "dense": [f"dense{i:04d}" for i in pick]}
+        names = {"base": [None] * a.batch, "dense": [f"dense{i:04d}" for i in pick],
+                 **{f"bank K={k}": [f"bank{i:04d}" for i in pick] for k in a.clusters}}
         runs = {k: (e, names[k]) for k, e in engines.items() if not (k == "dense" and n > n_dense)}
         results: dict[str, list] = {k: [] for k in engines}
         decode(runs, prompts, 4)  # warm-up

@@ -143,7 +143,7 @@ else
   # 7B-like layers (Llama-2/Mistral-7B: hidden 4096, MLP 14336, GQA 32/8), 4 of them; N=1000
   # resident adapters at batch 256 puts ~226 distinct adapters in every step
   SERVING="--device cuda --dtype bfloat16 --hidden 4096 --intermediate 14336 --heads 32 --kv-heads 8 --layers 4 \
-    --batch 256 --n 1 64 1000 --steps 16 --repeats 3 --rank 16 --bank-rank 16 --peft-max 64 --dense-max-gb 24"
+    --batch 256 --n 1 64 1000 --steps 16 --repeats 3 --rank 16 --bank-rank 16 --clusters 1 8 --peft-max 64 --dense-max-gb 24"
   # one layer of Mistral-7B's q/k/v (the summary extrapolates to 32): data generation is on CPU
   COMPRESSION="--device cuda --hidden 4096 --layers 1 --n 1000"
   KERNEL="--device cuda --dtype bfloat16 --tokens 256 --d-in 4096 --d-out 4096 --rank 16 --adapters 1000"

@@ -25,6 +25,8 @@ from compression.peft_io import LoraAdapter, load_adapter, module_name
 
 from .config import ModelConfig
 from .kernels import bank_lora, dense_lora, group_by_cluster
+from .kernels.bank_lora import bank_lora_routed, route_bank
+from .kernels.common import apply_cores, core_layout
 from .model import FUSED_GROUPS
 
 BASE = -1
@@ -100,12 +102,16 @@ class AdapterRegistry:
         self.max_lora_rank = max_lora_rank
         """largest dense adapter rank `add_adapter` accepts (None: any)"""
         self.fold = self.device.type == "cpu"
-        """fold a one-cluster bank's basis into the base GEMM (CPU; CUDA runs the fused kernel)"""
-        # K=1 bank on CPU: V is folded into the base weight; (layer, group) -> (Uᵀ (R, d_out), R, j):
-        # the group's cores are slot j of `_folded_cores[R]` (n + 1, J, R, R) or (n + 1, J, R), whose
-        # last row is zero (base tokens). One gather per R per forward serves every layer.
+        """CPU layouts for the bank: a one-cluster basis folded into the base GEMM, several clusters
+        on the grouped torch path with cores gathered once per batch (CUDA runs the fused kernel)"""
+        # K=1 bank on CPU: V is folded into the base weight; (layer, group) -> (Uᵀ (R, d_out), R, j).
+        # K>1 bank on CPU: (layer, group) -> (V (K, d_in, R), Uᵀ (K, R, d_out), R, j).
+        # Either way the group's cores are slot j of `_cores[R]` (J, n + 1, R, R) (in `core_layout`)
+        # or (J, n + 1, R), whose last row is zero (base tokens and pads). One gather per R per batch
+        # serves every layer, and decode steps that repeat the batch reuse it.
         self._folded: dict[tuple[int, str], tuple[torch.Tensor, int, int]] = {}
-        self._folded_cores: dict[int, torch.Tensor] = {}
+        self._grouped: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, int, int]] = {}
+        self._cores: dict[int, torch.Tensor] = {}
         self._folded_bytes = 0
         """bytes of the shrink rows appended to the base weights"""
         self._batch_cache: tuple[tuple[int, ...], LoraBatch] | None = None
@@ -251,6 +257,9 @@ class AdapterRegistry:
         group does the work: V's side by side (K, d_in, g·r), U block-diagonal (K, d_out, g·r),
         cores block-diagonal (n, g·r, g·r) or, for JD-Diag, concatenated (n, g·r). The zero blocks
         cost a few r-wide FLOPs; the saved kernel launches are what matters at decode sizes.
+        On CPU (`fold`) one cluster's V is folded into the base weights and several clusters take
+        the routed torch path (U stored transposed, which its expand reads ~2x faster); either way
+        the cores are stacked per fused rank so one gather per batch serves every layer.
         """
         if not isinstance(bank, Bank):
             bank = Bank.load(bank)
@@ -262,6 +271,7 @@ class AdapterRegistry:
         for info in bank.slots:
             per_module[self._check_slot("bank", info.name, info.in_features, info.out_features)] = info.name
         fused, cores_by_rank = {}, {}
+        cast = lambda t: t.to(self.device, self.dtype).contiguous()  # noqa: E731
         r, k, n = bank.rank, bank.num_clusters, len(bank.entries)
         diag = bank.method == "jd-diag"
         for layer in range(self.config.num_layers):
@@ -285,16 +295,17 @@ class AdapterRegistry:
                         S[:, cols] = bank.sigma[name].float()
                     else:
                         S[:, cols, cols] = bank.sigma[name].float()
-                cast = lambda t: t.to(self.device, self.dtype).contiguous()  # noqa: E731
-                if k == 1 and self.fold and self.model is not None:
+                if not self.fold:
+                    fused[(layer, group)] = (cast(U), cast(V), cast(S))
+                    continue
+                j = len(cores_by_rank.setdefault(rg, []))
+                cores_by_rank[rg].append(core_layout(torch.cat([S, S[:1] * 0])))
+                if k == 1 and self.model is not None:
                     self._fold(layer, group, cast(V[0].T))
-                    j = len(cores_by_rank.setdefault(rg, []))
-                    cores_by_rank[rg].append(torch.cat([S, S[:1] * 0]))
                     self._folded[(layer, group)] = (cast(U[0].T), rg, j)
                 else:
-                    fused[(layer, group)] = (cast(U), cast(V), cast(S))
-        self._folded_cores = {rg: torch.stack(c, 1).to(self.device, self.dtype).contiguous()
-                              for rg, c in cores_by_rank.items()}
+                    self._grouped[(layer, group)] = (cast(V), cast(U.transpose(1, 2)), rg, j)
+        self._cores = {rg: cast(torch.stack(c)) for rg, c in cores_by_rank.items()}
         self._bank, self.bank = fused, bank
         return [self._new(prefix + e.name, kind="bank", index=e.index, cluster=e.cluster, r=e.r,
                           config=e.config, alora_invocation_tokens=e.alora_invocation_tokens)
@@ -331,8 +342,9 @@ class AdapterRegistry:
         if kind in (None, "dense"):
             tensors += [t for stacks in self._dense.values() for t in stacks]
         if kind in (None, "bank"):
-            tensors += [t for ts in self._bank.values() for t in ts] + list(self._folded_cores.values())
+            tensors += [t for ts in self._bank.values() for t in ts] + list(self._cores.values())
             tensors += [ut for ut, _, _ in self._folded.values()]
+            tensors += [t for v, ut, _, _ in self._grouped.values() for t in (v, ut)]
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
         return sum(storages.values()) + (self._folded_bytes if kind in (None, "bank") else 0)
 
@@ -362,7 +374,8 @@ class AdapterRegistry:
 
 
 class LoraBatch:
-    """Per-forward adapter routing; called by the model after each fused linear."""
+    """Per-forward adapter routing; called by the model after each fused linear. The registry
+    caches it while the batch's uids repeat, so decode steps reuse its groups and gathered cores."""
 
     def __init__(self, reg: AdapterRegistry, dense_ids: list[int], clusters: list[int], cores: list[int]):
         dev = reg.device
@@ -371,20 +384,26 @@ class LoraBatch:
         if any(i >= 0 for i in dense_ids):
             ids = torch.tensor(dense_ids, dtype=torch.long, device=dev)
             self.dense = (ids, group_by_cluster(ids, ids))
-        self.bank = self.folded = None
+        self.bank = self.route = None
+        self.shared = len(set(cores)) == 1 and cores[0] >= 0
+        """every token carries the same bank entry: the folded path applies its core as one mm"""
+        self.cores: dict[tuple[int, str], torch.Tensor] = {}
+        """(layer, group) -> its core of each row, (rows, R, R) in `core_layout` or (rows, R): one
+        row per token (folded) or per row of the grouped path; zero for base tokens and pads"""
         if any(i >= 0 for i in cores):
             c = torch.tensor(clusters, dtype=torch.long, device=dev)
             a = torch.tensor(cores, dtype=torch.long, device=dev)
             if reg._bank:
                 self.bank = (c, a, group_by_cluster(c, a))
-            if reg._folded:  # base tokens point at the appended zero core
-                idx = torch.where(a >= 0, a, len(reg.bank.entries))
-                cores_by_rank = {rg: t.index_select(0, idx) for rg, t in reg._folded_cores.items()}
-                # Per group: Uᵀ and the tokens' cores, transposed and contiguous for the bmm.
-                self.folded = {}
-                for key, (ut, rg, j) in reg._folded.items():
-                    sj = cores_by_rank[rg][:, j]  # (N, R, R) or (N, R)
-                    self.folded[key] = (ut, sj.contiguous() if sj.dim() == 2 else sj.transpose(1, 2).contiguous())
+            rows = a
+            if reg._grouped:
+                self.route = route_bank(c, a, reg.bank.num_clusters)
+                rows = self.route.rows
+            if reg._cores:  # one gather per rank serves every layer (-1 -> the appended zero core)
+                idx = torch.where(rows >= 0, rows, len(reg.bank.entries))
+                by_rank = {rg: t.index_select(1, idx) for rg, t in reg._cores.items()}  # (J, rows, R, R)
+                for key, (*_, rg, j) in (reg._folded | reg._grouped).items():
+                    self.cores[key] = by_rank[rg][j]
         cfg = reg.config
         sizes = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
                  "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
@@ -397,11 +416,13 @@ class LoraBatch:
 
     def __call__(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor,
                  extra: torch.Tensor | None = None) -> None:
-        reg = self.reg
-        if self.folded is not None and extra is not None:
-            ut, st = self.folded[(layer, group)]
-            h = extra * st if st.dim() == 2 else torch.bmm(extra.unsqueeze(1), st)[:, 0]  # (N, R): Σ_t (x V)
-            y.addmm_(h, ut)
+        reg, key = self.reg, (layer, group)
+        st = self.cores.get(key)
+        if st is not None and extra is not None:  # a folded bank: extra = x V
+            y.addmm_(apply_cores(extra, st, self.shared), reg._folded[key][0])  # (N, R) @ (R, d_out)
+        elif st is not None and self.route is not None:
+            v, ut, _, _ = reg._grouped[key]
+            bank_lora_routed(x, v, ut, st, y, self.route)
         if self.bank is not None:
             t = reg._bank.get((layer, group))
             if t is not None:

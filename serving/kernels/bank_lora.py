@@ -8,17 +8,24 @@ y += ((x @ V_c) @ S_a.T) @ U_c.T.
 The file has the four parts of every kernel file here: the Triton kernel (a fused, grouped
 shrink -> core -> expand over tiles of tokens that share a basis; dense_lora launches it too),
 the checked wrappers, a float64 reference, and a benchmark (`python -m serving.kernels.bank_lora`).
-The torch path, which the engine runs on CPU, is `common.lora_torch`: grouped by cluster with
-as few torch ops as possible, because at decode sizes Python overhead, not flops, is the cost.
+The torch path is `common.lora_torch`: grouped by cluster with as few torch ops as possible,
+because at decode sizes Python overhead, not flops, is the cost. The engine's CPU path for a bank
+of several clusters, `bank_lora_routed`, goes further: the routing and every layer's per-token
+cores are built once per batch (and reused by decode steps that repeat it), and a decode-sized
+call is then 5 torch ops whatever the number of clusters.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from serving.kernels.common import (
     BankGroups,
+    apply_cores,
     bench_parser,
+    core_layout,
     check_ids,
     check_io,
     check_tensor,
@@ -26,10 +33,12 @@ from serving.kernels.common import (
     lora_torch,
     machine_line,
     BenchRow,
+    pad_all_groups,
     reference_rows,
     median_ms,
     report,
     resolve_groups,
+    row_cores,
     use_padded,
 )
 
@@ -232,6 +241,51 @@ def bank_lora_torch(x, V, S, U, cluster_ids, core_ids, y, *, groups=None):
     return y
 
 
+@dataclass
+class BankRoute:
+    """One batch's routing for the routed torch path (the engine's CPU bank), built once and
+    reused by every layer, and by the decode steps that repeat the batch."""
+
+    groups: BankGroups
+    rows: torch.Tensor
+    """(rows,) core id of each row the path computes, -1 for a pad: gather every layer's cores
+    in this order once (a zero core for -1) and pass them to `bank_lora_routed`"""
+    padded_tok: torch.Tensor | None
+    """(K*m,) token of each row when every cluster is padded to m rows, else None"""
+
+
+def route_bank(cluster_ids: torch.Tensor, core_ids: torch.Tensor, n_clusters: int) -> BankRoute:
+    """Route a batch over a bank of n_clusters clusters (one host sync, like group_by_cluster)."""
+    g = group_by_cluster(cluster_ids, core_ids)
+    padded = use_padded(g) and pad_all_groups(g, n_clusters)
+    return BankRoute(g, row_cores(g, n_clusters), g.padded(n_clusters)[0] if padded else None)
+
+
+def bank_lora_routed(x, V, Ut, cores, y, route: BankRoute):
+    """The torch path with the routing and the cores gathered once per batch. Unchecked: the
+    caller (the adapter registry) built every index itself.
+
+    for t with core_ids[t] >= 0:  y[t] += apply_cores(x[t] @ V[c[t]], core of t) @ Ut[c[t]]
+
+    V (K, d_in, r), Ut (K, r, d_out) (U transposed, contiguous), cores (rows, r, r) in
+    `core_layout` or (rows, r) diagonal, in `route.rows` order and zero for pads. At decode
+    sizes every cluster is padded to m rows, so a call is 5 torch ops whatever K (a gather of x,
+    shrink, cores, expand as bmm over all K bases as they are, and a scatter into y) instead of
+    a loop over clusters; other batches take `lora_torch`.
+    """
+    tok = route.padded_tok
+    if tok is None:  # the loop over clusters, or few clusters padded with their bases gathered
+        shared = route.groups.single_core is not None  # one adapter: one cluster, the loop
+        core = lambda z, _: apply_cores(z, cores, shared)  # noqa: E731
+        lora_torch(x, V, Ut.transpose(1, 2), y, route.groups, core, pads_zero=True)
+        return y
+    K, rows = V.shape[0], tok.numel()
+    z = torch.bmm(x.index_select(0, tok).view(K, rows // K, -1), V)  # (K, m, r)
+    h = apply_cores(z.view(rows, -1), cores).view(K, rows // K, -1)  # (K, m, r)
+    y.index_add_(0, tok, torch.bmm(h, Ut).view(rows, -1))  # (K*m, d_out); pads add zeros
+    return y
+
+
 def bank_lora_triton(x, V, S, U, cluster_ids, core_ids, y, *, groups=None):
     """Triton path of `bank_lora` (CUDA, or CPU tensors under TRITON_INTERPRET=1)."""
     diag = _check_bank(x, V, S, U, cluster_ids, core_ids, y)
@@ -301,6 +355,13 @@ def _bench() -> None:
     want = bank_lora_ref(*args, y0.clone())
     for _, fn in paths:  # correctness first
         torch.testing.assert_close(fn(*args, y0.clone(), groups=groups), want, atol=5e-2, rtol=5e-2)
+    # the engine's CPU path: route and cores built once per batch, as the adapter registry does
+    route = route_bank(cluster_ids, core_ids, a.clusters)
+    cores = core_layout(torch.cat([S, torch.zeros_like(S[:1])])).contiguous()
+    cores = cores.index_select(0, torch.where(route.rows >= 0, route.rows, a.adapters))
+    Ut = U.transpose(1, 2).contiguous()
+    routed = lambda y: bank_lora_routed(x, V, Ut, cores, y, route)  # noqa: E731
+    torch.testing.assert_close(routed(y0.clone()), want, atol=5e-2, rtol=5e-2)
     distinct, G = core_ids.unique().numel(), len(groups.clusters)
     print(machine_line(dev))
     print(f"settings: T={T} d_in={a.d_in} d_out={a.d_out} r={r} K={a.clusters} "
@@ -314,6 +375,7 @@ def _bench() -> None:
     y = y0.clone()
     rows = reference_rows(x, W, lora_flops, ms, lambda: group_by_cluster(cluster_ids, core_ids)) + [
         BenchRow(name, ms(lambda fn=fn: fn(*args, y, groups=groups)), lora_bytes, lora_flops) for name, fn in paths]
+    rows.append(BenchRow("routed torch (route prebuilt)", ms(lambda: routed(y)), lora_bytes, lora_flops))
     settings = {**vars(a), "clusters_present": G, "adapters_present": distinct}
     report("bank_lora, one layer call (groups prebuilt):", rows, settings, dev, a.json)
 

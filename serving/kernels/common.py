@@ -67,23 +67,28 @@ class BankGroups:
             self._cache[key] = tiles.to(self.token_idx.device)
         return self._cache[key]
 
-    def padded(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def padded(self, n_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every group padded to m slots, for one bmm over all groups: token rows (G*m,), core
         ids (G*m,), pad mask (G*m, 1) and group ids (G,). A pad repeats its group's last token,
-        so every index stays valid; the caller zeroes pad rows before they are added. Cached."""
-        if "padded" not in self._cache:
+        so every index stays valid; the caller zeroes pad rows before they are added. With
+        n_groups (K), all K groups get their m slots, the absent ones only pads, so the bmm reads
+        the weights as they are instead of a gathered copy (group ids are then arange(K)). Cached."""
+        key = ("padded", n_groups)
+        if key not in self._cache:
             m = self.pad_size
-            pos = [min(b + j, e - 1) for b, e in self.bounds for j in range(m)]
-            pad = [b + j >= e for b, e in self.bounds for j in range(m)]
+            present = dict(zip(self.clusters, self.bounds))
+            bounds = self.bounds if n_groups is None else [present.get(k, (0, 0)) for k in range(n_groups)]
+            pos = [max(min(b + j, e - 1), 0) for b, e in bounds for j in range(m)]
+            pad = [b + j >= e for b, e in bounds for j in range(m)]
             dev = self.token_idx.device
             pos_t = torch.tensor(pos, device=dev)  # (G*m,)
-            self._cache["padded"] = (
+            self._cache[key] = (
                 self.token_idx.index_select(0, pos_t),
                 self.core_idx.index_select(0, pos_t),
                 torch.tensor(pad, device=dev).unsqueeze(1),
-                torch.tensor(self.clusters, device=dev),
+                torch.tensor(self.clusters if n_groups is None else list(range(n_groups)), device=dev),
             )
-        return self._cache["padded"]
+        return self._cache[key]
 
 
 def group_by_cluster(cluster_ids: torch.Tensor, core_ids: torch.Tensor) -> BankGroups:
@@ -184,18 +189,68 @@ def use_padded(g: BankGroups) -> bool:
     return G >= 3 and G * g.pad_size <= (4 if G >= 16 else 2) * g.n_adapted
 
 
-def lora_torch(x, V, U, y, g: BankGroups, core: Core | None = None) -> None:
+def pad_all_groups(g: BankGroups, n_groups: int) -> bool:
+    """Whether the padded layout spans all n_groups groups, absent ones as pads: when at least
+    half are present, the extra pad rows cost less than gathering the weights of the present
+    ones on every call (a copy, then read again: ~0.8 ms of a ~12 ms decode step at K=16 with
+    15 of the 16 clusters present, batch 64, hidden 256)."""
+    return 2 * len(g.clusters) >= n_groups
+
+
+def row_cores(g: BankGroups, n_groups: int) -> torch.Tensor:
+    """(rows,) the core id of each row `lora_torch` computes over weights of n_groups groups, in
+    its order: the padded layout (-1 for a pad) or the adapted tokens sorted by cluster. A caller
+    that gathers its cores once in this order (zero for pads) can pass `pads_zero=True`."""
+    if use_padded(g):
+        _, core_idx, pad, _ = g.padded(n_groups if pad_all_groups(g, n_groups) else None)
+        return core_idx.masked_fill(pad.squeeze(1), -1)
+    return g.core_idx
+
+
+CORE_ZS_MIN_RANK = 20
+"""From this rank up a full core runs as z (1, r) @ Sᵀ, below it as S @ z (r, 1): MKL's batched
+small GEMM (torch 2.13 CPU, 1 and 2 threads) switches kernels at r = 20, and each form is 1.5-4x
+slower on the other side (144 rows: r=16 40 vs 64 us, r=24 58 vs 21 us, r=48 204 vs 38 us)."""
+
+
+def core_layout(S: torch.Tensor) -> torch.Tensor:
+    """Full cores S (..., r, r) as `apply_cores` reads them (transposed from r = 20 up); a
+    diagonal (..., r) is returned as it is."""
+    return S.transpose(-1, -2) if S.dim() >= 3 and S.shape[-1] >= CORE_ZS_MIN_RANK else S
+
+
+def apply_cores(z: torch.Tensor, cores: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    """(n, r) row i times its own core: z[i] * cores[i] for diagonal cores (n, r), else
+    S_i @ z[i] with cores (n, r, r) in `core_layout` (each matrix contiguous, any batch stride).
+    shared: every row has the same core (one adapter in the batch), applied as one mm."""
+    full = cores.dim() == 3
+    zs = full and cores.shape[-1] >= CORE_ZS_MIN_RANK  # cores hold Sᵀ
+    if shared:
+        s = cores[0]  # (r, r) or (r,)
+        return (z @ s if zs else z @ s.T) if full else z * s
+    if not full:
+        return z * cores
+    if zs:
+        return torch.bmm(z.unsqueeze(1), cores).squeeze(1)
+    return torch.bmm(cores, z.unsqueeze(2)).squeeze(2)
+
+
+def lora_torch(x, V, U, y, g: BankGroups, core: Core | None = None, *, pads_zero: bool = False) -> None:
     """y[t] += core(x[t] @ V[k], core_id) @ U[k].T for the adapted tokens t of each group k.
-    V: (G, d_in, r), U: (G, d_out, r); core(z (n, r), core_ids (n,)) -> (n, r) or None."""
+    V: (G, d_in, r), U: (G, d_out, r), any strides (U as a transposed view of a contiguous
+    (G, r, d_out) expands ~2x faster); core(z (n, r), core_ids (n,)) -> (n, r) or None, with
+    rows in `row_cores(g, G)` order; pads_zero: core already returns zero rows for the pads."""
     if g.n_adapted == 0:
         return
     if use_padded(g):
-        tok, core_idx, pad, ids = g.padded()
-        G, m = len(g.clusters), g.pad_size
-        every = G == V.shape[0]  # ids are unique and in range: G == K means ids == arange(K)
+        every = pad_all_groups(g, V.shape[0])  # lay out all K groups: ids == arange(K), no gather
+        tok, core_idx, pad, ids = g.padded(V.shape[0] if every else None)
+        G, m = ids.numel(), g.pad_size
         xp = x.index_select(0, tok).view(G, m, -1)  # (G, m, d_in)
         z = torch.bmm(xp, V if every else _gather(V, ids)).view(G * m, -1)  # (G*m, r)
-        h = (z if core is None else core(z, core_idx)).masked_fill_(pad, 0.0)  # (G*m, r)
+        h = z if core is None else core(z, core_idx)  # (G*m, r)
+        if not pads_zero:
+            h = h.masked_fill_(pad, 0.0)
         Ug = U if every else _gather(U, ids)  # (G, d_out, r)
         out = torch.bmm(h.view(G, m, -1), Ug.transpose(1, 2))  # (G, m, d_out)
         y.index_add_(0, tok, out.view(G * m, -1))

@@ -147,9 +147,10 @@ def test_bank_at_full_rank_equals_the_dense_adapters(world, tmp_path):
         torch.testing.assert_close(_teacher_forced(engine, ids, "bank/" + d.name), dense, atol=1e-5, rtol=1e-5)
 
 
-# K=1 folds its basis into the base GEMM; K>1 runs the kernels (torch path on CPU).
+# K=1 folds its basis into the base GEMM; K>1 takes the grouped torch path (CPU) or the kernels (CUDA).
 @pytest.mark.parametrize("method, clusters, rank", [("jd-full", 3, 6), ("jd-diag", 3, 6), ("jd-full", 1, 6),
-                                                    ("jd-full", 2, 2), ("jd-diag", 2, 2)])
+                                                    ("jd-full", 2, 2), ("jd-diag", 2, 2), ("jd-full", 8, 6),
+                                                    ("jd-full", 16, 10), ("jd-diag", 16, 6)])
 def test_mixed_batch_of_64_equals_each_sequence_alone(world, tmp_path, method, clusters, rank):
     root, _ = world
     dense_dirs = _random_adapters(tmp_path, 24, seed=2, modules=tuple(ALL_MODULES))
@@ -157,9 +158,10 @@ def test_mixed_batch_of_64_equals_each_sequence_alone(world, tmp_path, method, c
     bank = compress(load_collection([str(d) for d in bank_dirs]), CompressConfig(method=method, rank=rank, clusters=clusters))
     engine = Engine.from_pretrained(root / "base", kv_cache_tokens=4096, block_size=8)
     bank_names = [e.name for e in engine.load_bank(bank)]
-    # One cluster folds into the base GEMM on CPU; several run the kernels.
-    paths = (bool(engine.registry._folded), bool(engine.registry._bank))
-    assert paths == {(3, 6): (False, True), (1, 6): (True, False), (2, 2): (False, True)}[(clusters, rank)]
+    # On CPU one cluster folds into the base GEMM; several take the grouped torch path (CUDA: the kernels).
+    reg = engine.registry
+    paths = (bool(reg._folded), bool(reg._grouped), bool(reg._bank))
+    assert paths == ((True, False, False) if clusters == 1 else (False, True, False))
     for d in dense_dirs:
         engine.load_adapter(d.name, d)
     adapters = [None] + [d.name for d in dense_dirs] + bank_names
@@ -178,6 +180,46 @@ def test_mixed_batch_of_64_equals_each_sequence_alone(world, tmp_path, method, c
         outputs.add(tuple(got.token_ids))
     assert len(outputs) > 32  # the adapters really differ
     assert engine.blocks.num_used == 0
+
+
+# rank 10 fuses q|v into R = 20 (cores as z Sᵀ) and leaves down_proj at 10 (cores as S z)
+@pytest.mark.parametrize("method, clusters, rank", [("jd-full", 8, 6), ("jd-full", 16, 10), ("jd-diag", 16, 6)])
+def test_bank_of_many_clusters_equals_its_dense_export(world, tmp_path, method, clusters, rank):
+    """Bank entries on the grouped CPU path score and generate like the dense LoRAs exported
+    from them, in batches that take each of its layouts (all clusters padded, the present ones
+    gathered, one cluster alone) and carry a base sequence."""
+    from compression.peft_io import LoraAdapter
+
+    root, _ = world
+    bank = compress(load_collection([str(d) for d in _random_adapters(tmp_path, 40, seed=8)]),
+                    CompressConfig(method=method, rank=rank, clusters=clusters))
+    engine = Engine.from_pretrained(root / "base", kv_cache_tokens=4096, block_size=8)
+    engine.load_bank(bank, prefix="bank/")
+    assert engine.registry._grouped and not engine.registry._folded and not engine.registry._bank
+    first = {}  # one entry per cluster, up to 12 clusters
+    for e in bank.entries:
+        first.setdefault(e.cluster, e.name)
+    names = list(first.values())[:12]
+    assert len(names) >= min(clusters, 8)
+    for name in names:
+        A, B = bank.factors(name)
+        engine.registry.add_adapter("dense/" + name, LoraAdapter(name, {"r": rank}, A, B))
+    ids = list(range(5, 35))
+    base = _teacher_forced(engine, ids, None)
+    for name in names[:4]:
+        dense = _teacher_forced(engine, ids, "dense/" + name)
+        assert (dense - base).abs().max() > 1e-2
+        torch.testing.assert_close(_teacher_forced(engine, ids, "bank/" + name), dense, atol=1e-5, rtol=1e-5)
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True)
+    g = torch.Generator().manual_seed(1)
+    for batch in (names, names[:3], names[:1]):
+        prompts = [torch.randint(3, 64, (int(torch.randint(3, 20, (1,), generator=g)),), generator=g).tolist()
+                   for _ in range(len(batch) + 1)]
+        got = engine.generate(prompts, adapter=[None] + ["bank/" + n for n in batch], params=params)
+        want = engine.generate(prompts, adapter=[None] + ["dense/" + n for n in batch], params=params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        lp = lambda outs: torch.tensor([[t.logprob for t in o.logprobs] for o in outs])  # noqa: E731
+        torch.testing.assert_close(lp(got), lp(want), atol=1e-4, rtol=1e-4)
 
 
 def test_engine_through_the_triton_kernels_matches_the_torch_path(world, tmp_path, monkeypatch):

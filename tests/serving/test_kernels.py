@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from serving.kernels import BankGroups, bank_lora, dense_lora, group_by_cluster, triton_available
-from serving.kernels.bank_lora import _interpreted, bank_lora_ref, bank_lora_torch, bank_lora_triton
+from serving.kernels.bank_lora import (_interpreted, bank_lora_ref, bank_lora_routed, bank_lora_torch,
+                                      bank_lora_triton, route_bank)
+from serving.kernels.common import core_layout, use_padded
 from serving.kernels.dense_lora import dense_lora_ref, dense_lora_torch, dense_lora_triton
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -180,6 +182,56 @@ def test_bank_lora_rejects_groups_of_another_batch():
     groups = group_by_cluster(args[4][:4], args[5][:4])
     with pytest.raises(ValueError, match=r"groups: built for 4 tokens, the batch has 5"):
         bank_lora(*args, y, groups=groups)
+
+
+def bank_lora_routed_once(x, V, S, U, cluster_ids, core_ids, y):
+    """What the adapter registry does once per batch (route, gather the cores in the route's row
+    order with a zero core for pads), then one layer's call of the routed torch path."""
+    route = route_bank(cluster_ids, core_ids, V.shape[0])
+    cores = core_layout(torch.cat([S, torch.zeros_like(S[:1])])).contiguous()  # (n + 1, ...)
+    rows = cores.index_select(0, torch.where(route.rows >= 0, route.rows, S.shape[0]))
+    return bank_lora_routed(x, V, U.transpose(1, 2).contiguous(), rows, y, route)
+
+
+ROUTED_CASES = {
+    # id: (T, d_in, d_out, r, K, n, diag, dtype, pattern, view), layout the route must take
+    "K16-every-cluster": ((64, 48, 40, 8, 16, 200, False, torch.float32, "all", False), "all-clusters"),
+    "K16-some-absent": ((96, 48, 40, 8, 16, 10, False, torch.float32, "mixed", False), "all-clusters"),
+    "K16-few-gathered": ((12, 48, 40, 8, 16, 5, False, torch.float32, "all", False), "gathered"),
+    "K8-r24-zS-cores": ((64, 48, 40, 24, 8, 100, False, torch.float32, "all", False), "all-clusters"),
+    "K8-r20-zS-cores": ((64, 48, 40, 20, 8, 100, False, torch.float32, "mixed", True), "all-clusters"),
+    "K8-r19-Sz-cores": ((64, 48, 40, 19, 8, 100, False, torch.float32, "mixed", False), "all-clusters"),
+    "K16-diag": ((64, 48, 40, 16, 16, 100, True, torch.float32, "mixed", False), "all-clusters"),
+    "K16-sorted": ((96, 48, 40, 8, 16, 200, False, torch.float32, "sorted", False), "all-clusters"),
+    "K2-sorted-loop": ((37, 40, 33, 5, 2, 7, False, torch.float32, "sorted", False), "loop"),
+    "K16-one-adapter": ((19, 48, 40, 8, 16, 4, False, torch.float32, "one", False), "loop"),
+    "K2-loop": ((37, 40, 33, 5, 2, 7, False, torch.float32, "mixed", False), "loop"),
+    "K16-2049-bf16": ((32, 2049, 40, 24, 16, 60, False, torch.bfloat16, "mixed", True), "all-clusters"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUTED_CASES), ids=list(ROUTED_CASES))
+def test_bank_lora_routed_matches_reference(case):
+    """The engine's CPU path for banks of several clusters, over each of its layouts."""
+    (*shape, dtype, pattern, view), layout = ROUTED_CASES[case]
+    args, y, base, core_ids = make_bank(*shape, dtype, pattern, view, seed=len(case))
+    route = route_bank(args[4], args[5], shape[4])
+    took = "all-clusters" if route.padded_tok is not None else "gathered" if use_padded(route.groups) else "loop"
+    assert took == layout
+    check_update(bank_lora_routed_once, bank_lora_ref, args, y, base, core_ids, dtype)
+
+
+def test_bank_lora_routed_reuses_one_route_across_layers():
+    args, y, base, core_ids = make_bank(64, 48, 40, 8, 16, 200, False, torch.float32, "mixed")
+    x, V, S, U, c, a = args
+    route = route_bank(c, a, 16)
+    rows = torch.where(route.rows >= 0, route.rows, S.shape[0])
+    for layer in range(2):
+        Vl, Sl = V + layer, S * (layer + 1)  # another layer's bases and cores, same batch
+        cores = core_layout(torch.cat([Sl, torch.zeros_like(Sl[:1])])).contiguous().index_select(0, rows)
+        want = bank_lora_ref(x, Vl, Sl, U, c, a, y.clone())
+        torch.testing.assert_close(bank_lora_routed(x, Vl, U.transpose(1, 2).contiguous(), cores, y, route), want,
+                                   **TOL[torch.float32])
 
 
 # ----------------------------------------------------------------------------- dense LoRA
