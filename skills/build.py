@@ -78,9 +78,10 @@ class BuildConfig:
     checker_share: float = 0.25
     """share of the task batch for the per-task verifiers (they learn from one answer token per
     example, the transformations from every character); the rest is drawn uniformly over tasks"""
-    variety: float = 0.3
+    variety: float = 0.0
     """chance that a training conversation phrases its question in words, and (each) that it opens
-    with a system prompt or an earlier turn: what lets the base and skills serve real chats"""
+    with a system prompt or an earlier turn: what lets the base and skills serve real chats. The
+    shipped world predates it (0); the next world build sets it (0.3, as `quick` does)"""
     contrast_share: float = 0.5
     """share of verifier / step-checker examples made from a right solution and its twin with one
     wrong digit (the rest: the base's own samples)"""
@@ -110,7 +111,7 @@ class BuildConfig:
         return cls(seed=seed, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
                    base_steps=40, base_batch=16, n_shift=2, n_add=1, n_replace=2, n_checkers=1, sample_problems=12,
                    samples_per_problem=2, adapter_steps=12, skill_batch=8, task_batch=8, r=4, lora_alpha=8,
-                   bank_rank=4, bank_clusters=2, eval_problems=8, eval_per_task=3)
+                   bank_rank=4, bank_clusters=2, eval_problems=8, eval_per_task=3, variety=0.3)
 
 
 SKILLS = [
@@ -561,10 +562,10 @@ def retrain_skills(world_dir: str | os.PathLike, names: tuple[str, ...] = RETRAI
         raise ValueError(f"steps and batch must be >= 1, got {steps}, {batch}")
     world = World.load(world_dir)
     known = {f.name for f in fields(BuildConfig)}
-    cfg = BuildConfig(**{"variety": 0.0, **{k: v for k, v in world.manifest["build"].items() if k in known}})
+    cfg = BuildConfig(**{k: v for k, v in world.manifest["build"].items() if k in known})
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(world.base_dir))
-    enc = data.Encoder(tok, cfg.variety)  # a world built before `variety` was trained on plain prompts
+    enc = data.Encoder(tok, cfg.variety)
     with _progress(console) as progress:
         pools = _Pools(sample_solutions(world.base_dir, cfg, progress=progress))
         model = load_model(world.base_dir)
