@@ -54,6 +54,26 @@ def hf_teacher_forced(model, ids: list[int], device="cpu") -> torch.Tensor:
     return lp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
 
 
+def mixed_batch_outputs(engine, adapters: list, atol: float, rtol: float) -> set[tuple[int, ...]]:
+    """Generate one random prompt per adapter in one batch and each alone: the tokens must be equal
+    and the log-probabilities close. Returns the distinct outputs (to check the adapters differ)."""
+    from serving import SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 64, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
+               for _ in adapters]
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True)
+    together = engine.generate(prompts, adapter=adapters, params=params)
+    outputs = set()
+    for prompt, adapter, got in zip(prompts, adapters, together):
+        alone = engine.generate([prompt], adapter=adapter, params=params)[0]
+        assert got.token_ids == alone.token_ids, adapter
+        torch.testing.assert_close(torch.tensor([t.logprob for t in got.logprobs]),
+                                   torch.tensor([t.logprob for t in alone.logprobs]), atol=atol, rtol=rtol)
+        outputs.add(tuple(got.token_ids))
+    return outputs
+
+
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 +-*=.,:;!?()[]/ABCDEFGHIJ"

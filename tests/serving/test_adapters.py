@@ -10,7 +10,7 @@ import torch
 from compression import CompressConfig, compress
 from compression.peft_io import load_collection, save_adapter
 from serving import Engine, SamplingParams
-from tests.helpers import hf_teacher_forced, make_tiny_model, teacher_forced
+from tests.helpers import hf_teacher_forced, make_tiny_model, mixed_batch_outputs, teacher_forced
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 INVOKE = [60, 61, 62]
@@ -166,18 +166,7 @@ def test_mixed_batch_of_64_equals_each_sequence_alone(world, tmp_path, method, c
         engine.load_adapter(d.name, d)
     adapters = [None] + [d.name for d in dense_dirs] + bank_names
     assert len(set(adapters)) == 64
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 64, (int(torch.randint(3, 30, (1,), generator=g)),), generator=g).tolist()
-               for _ in adapters]
-    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True)
-    together = engine.generate(prompts, adapter=adapters, params=params)
-    outputs = set()
-    for prompt, adapter, got in zip(prompts, adapters, together):
-        alone = engine.generate([prompt], adapter=adapter, params=params)[0]
-        assert got.token_ids == alone.token_ids, adapter
-        torch.testing.assert_close(torch.tensor([t.logprob for t in got.logprobs]),
-                                   torch.tensor([t.logprob for t in alone.logprobs]), atol=1e-4, rtol=1e-4)
-        outputs.add(tuple(got.token_ids))
+    outputs = mixed_batch_outputs(engine, adapters, atol=1e-4, rtol=1e-4)
     assert len(outputs) > 32  # the adapters really differ
     assert engine.blocks.num_used == 0
 

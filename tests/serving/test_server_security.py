@@ -26,7 +26,7 @@ from compression.bank import Bank
 from serving import SamplingParams
 from skills.world import World
 from tests.helpers import kilolora_server
-from tests.serving.test_server import PROBLEM, assert_error, render, settled, sse
+from tests.serving.test_server import PROBLEM, assert_error, engine, render, settled, sse, tok  # noqa: F401 - fixtures
 
 WORLD = World.load()
 KEY = "sk-test-0123456789"
@@ -44,16 +44,6 @@ def locked(tmp_path_factory):
     log = tmp_path_factory.mktemp("locked") / "serve.log"
     with kilolora_server(["--api-key", KEY, "--max-lora-rank", "16", "--request-timeout", "2"], log) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def engine():
-    return WORLD.engine(kv_cache_tokens=8192)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return WORLD.tokenizer()
 
 
 def greedy(engine, tok, content: str, max_tokens: int = 48) -> str:
