@@ -119,17 +119,27 @@ class Generate(Node):
 
 @dataclass
 class Score(Node):
-    """P(yes) of a yes/no skill after the sequence, into `into`; the sequence is unchanged. A
-    skill that reads evidence after its invocation gets it from `evidence(state)`, or, for
-    `evidence="calculator"` skills, from the calculator tool run on every claim of the text."""
+    """P(yes) of a yes/no skill after the sequence, into `into`; the sequence is unchanged. The
+    skill is a name, or a function of the state (`lambda s: "check-" + s.task`: each branch is
+    judged by its own task's verifier). A skill that reads evidence after its invocation gets it
+    from `evidence(state)`, or, for `evidence="calculator"` skills, from the calculator tool run
+    on every claim of the text."""
 
-    skill: str = "verifier"
+    skill: str | Callable[[State], str] = "verifier"
     into: str = "score"
     evidence: Callable[[State], str] | None = None
     kind = "score"
 
+    def __post_init__(self):
+        if not callable(self.skill) and not (isinstance(self.skill, str) and self.skill):
+            raise TypeError(f"Score: skill must be a skill name or a function of the state, got {self.skill!r}")
+
     def run(self, ctx: Ctx):
-        skill = ctx.skill(self.skill)
+        name = self.skill(ctx.state) if callable(self.skill) else self.skill
+        if not isinstance(name, str) or not name:
+            raise GraphError(f"node {ctx.br.node!r}: the Score skill function returned {name!r}; "
+                             f"it must return a skill name")
+        skill = ctx.skill(name)
         if self.evidence is not None:
             evidence = self.evidence(ctx.state)
         elif getattr(skill, "evidence", None) == "calculator":
@@ -145,12 +155,12 @@ class Score(Node):
             ctx.backend.close(f)
         ctx.count(res.tokens)
         p = yes_probability(res.top_logprobs[0], skill.yes, skill.no)
-        ctx.emit("score", skill=self.skill, value=round(p, 6))
+        ctx.emit("score", skill=name, value=round(p, 6))
         ctx.note(score=round(p, 6))
         ctx.put(self.into, p)
 
     def label(self) -> str:
-        return f"score [{self.skill}]"
+        return f"score [{self.skill if not callable(self.skill) else 'f(state)'}]"
 
 
 def calculator_evidence(ctx: Ctx, text: str) -> str:

@@ -21,12 +21,12 @@ parameter. Each `*_graph` returns a `Graph`; `best_of_n(...)` also runs one on p
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from skills.tasks import parse_answer
 
-from .graph import END, Append, Ask, Call, Fork, Generate, Graph, Join, Rewind, Score, State, Tool, top, \
-    weighted_majority
+from .graph import END, AdapterArg, Append, Ask, Call, Fork, Generate, Graph, Join, Rewind, Score, State, Tool, \
+    top, weighted_majority
 
 STEP_STOP = ["."]
 """a step of the default world's solutions ends with `.`; the answer ends the sequence"""
@@ -49,17 +49,20 @@ def answer_of(state: State) -> int | None:
     return parse_answer(state.text) if state.finished else None
 
 
-def greedy_graph(max_tokens: int = 72, adapter: str | None = None) -> Graph:
-    g = Graph(Solution, "greedy")
+def greedy_graph(max_tokens: int = 72, adapter: AdapterArg = None, state: type[State] = Solution) -> Graph:
+    g = Graph(state, "greedy")
     g.add("answer", Generate(adapter=adapter, max_tokens=max_tokens))
     return g
 
 
-def best_of_n_graph(n: int = 8, generator: str | None = None, verifier: str | None = "verifier",
-                    aggregate: str = "max", temperature: float = 1.0, max_tokens: int = 72) -> Graph:
+def best_of_n_graph(n: int = 8, generator: AdapterArg = None,
+                    verifier: str | Callable[[State], str] | None = "verifier", aggregate: str = "max",
+                    temperature: float = 1.0, max_tokens: int = 72, state: type[State] = Solution) -> Graph:
     """Fork n samples (from the base, or the `generator` adapter), score each with the verifier,
     join on `aggregate`: `max` (the highest score) or `weighted_majority` (the answer with the
-    largest summed score). `verifier=None` with `weighted_majority` is plain majority vote."""
+    largest summed score). `verifier=None` with `weighted_majority` is plain majority vote. The
+    generator and the verifier may be functions of the state (a `state` type with the fields
+    they read: each run samples from its own task's adapter and is judged by its own verifier)."""
     if aggregate not in ("max", "weighted_majority"):
         raise ValueError(f"aggregate must be 'max' or 'weighted_majority', got {aggregate!r}")
     if not isinstance(n, int) or n < 1:
@@ -67,7 +70,7 @@ def best_of_n_graph(n: int = 8, generator: str | None = None, verifier: str | No
     if verifier is None and aggregate == "max":
         raise ValueError("aggregate='max' needs a verifier")
     select = top(1) if aggregate == "max" else weighted_majority(answer_of, "score" if verifier else None)
-    g = Graph(Solution, f"best_of_{n}_{aggregate if verifier else 'majority'}")
+    g = Graph(state, f"best_of_{n}_{aggregate if verifier else 'majority'}")
     g.add("fork", Fork(n))
     g.add("sample", Generate(adapter=generator, max_tokens=max_tokens, temperature=temperature))
     g.add("pick", Join(select=select))

@@ -110,6 +110,10 @@ class AdapterRegistry:
         # or (J, n + 1, R), whose last row is zero (base tokens and pads). One gather per R per batch
         # serves every layer, and decode steps that repeat the batch reuse it.
         self._folded: dict[tuple[int, str], tuple[torch.Tensor, int, int]] = {}
+        self._folded_blocks: dict[tuple[int, str], list[tuple[slice, slice]]] = {}
+        """(layer, group) of a fused group of several modules -> per module (its columns of the
+        fused rank, its columns of the output): Uᵀ is block diagonal there, and from
+        `BLOCK_EXPAND_MIN_ROWS` rows an expand per block skips the zero blocks' FLOPs"""
         self._grouped: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, int, int]] = {}
         self._cores: dict[int, torch.Tensor] = {}
         self._folded_bytes = 0
@@ -273,7 +277,7 @@ class AdapterRegistry:
         fused, cores_by_rank = {}, {}
         cast = lambda t: t.to(self.device, self.dtype).contiguous()  # noqa: E731
         r, k, n = bank.rank, bank.num_clusters, len(bank.entries)
-        diag = bank.method == "jd-diag"
+        diag = next(iter(bank.sigma.values())).dim() == 2  # jd-diag, and svd (each adapter its own basis)
         for layer in range(self.config.num_layers):
             for group, modules in FUSED_GROUPS.items():
                 present = [m for m in modules if (layer, m) in per_module]
@@ -303,6 +307,12 @@ class AdapterRegistry:
                 if k == 1 and self.model is not None:
                     self._fold(layer, group, cast(V[0].T))
                     self._folded[(layer, group)] = (cast(U[0].T), rg, j)
+                    if len(present) > 1:
+                        blocks = []
+                        for jj, m in enumerate(present):
+                            off = sum(outs[: modules.index(m)])
+                            blocks.append((slice(jj * r, (jj + 1) * r), slice(off, off + outs[modules.index(m)])))
+                        self._folded_blocks[(layer, group)] = blocks
                 else:
                     self._grouped[(layer, group)] = (cast(V), cast(U.transpose(1, 2)), rg, j)
         self._cores = {rg: cast(torch.stack(c)) for rg, c in cores_by_rank.items()}
@@ -373,6 +383,10 @@ class AdapterRegistry:
         return batch
 
 
+BLOCK_EXPAND_MIN_ROWS = 64
+"""rows from which a folded group's expand runs per module (below, one GEMM's fewer calls win)"""
+
+
 class LoraBatch:
     """Per-forward adapter routing; called by the model after each fused linear. The registry
     caches it while the batch's uids repeat, so decode steps reuse its groups and gathered cores."""
@@ -419,7 +433,13 @@ class LoraBatch:
         reg, key = self.reg, (layer, group)
         st = self.cores.get(key)
         if st is not None and extra is not None:  # a folded bank: extra = x V
-            y.addmm_(apply_cores(extra, st, self.shared), reg._folded[key][0])  # (N, R) @ (R, d_out)
+            ut, h = reg._folded[key][0], apply_cores(extra, st, self.shared)
+            blocks = reg._folded_blocks.get(key)
+            if blocks is None or h.shape[0] < BLOCK_EXPAND_MIN_ROWS:
+                y.addmm_(h, ut)  # (N, R) @ (R, d_out)
+            else:  # one (N, r) @ (r, d_m) per module of the group: Uᵀ's zero blocks cost nothing
+                for cols, out in blocks:
+                    y[:, out].addmm_(h[:, cols], ut[cols, out])
         elif st is not None and self.route is not None:
             v, ut, _, _ = reg._grouped[key]
             bank_lora_routed(x, v, ut, st, y, self.route)

@@ -60,7 +60,7 @@ class BuildConfig:
     n_add: int = 9
     """`add k` task adapters (k = 1..n)"""
     n_replace: int = 266
-    """`replace x y` task adapters (random letter pairs)"""
+    """`replace x y` task adapters (letter pairs in a seeded order; 650 is every ordered pair)"""
     n_checkers: int = 25
     """per-task verifiers (of the first `replace` tasks) in the task family"""
     sample_problems: int = 1500
@@ -80,16 +80,16 @@ class BuildConfig:
     example, the transformations from every character); the rest is drawn uniformly over tasks"""
     variety: float = 0.0
     """chance that a training conversation phrases its question in words, and (each) that it opens
-    with a system prompt or an earlier turn: what lets the base and skills serve real chats. The
-    shipped world predates it (0); the next world build sets it (0.3, as `quick` does)"""
+    with a system prompt or an earlier turn: what lets the base and skills serve real chats (the
+    task family trains on plain prompts, see `train_adapters`). The shipped world predates it (0)"""
     contrast_share: float = 0.5
     """share of verifier / step-checker examples made from a right solution and its twin with one
     wrong digit (the rest: the base's own samples)"""
     adapter_lr: float = 4e-3
     """adapters' peak learning rate"""
     r: int = 2
-    """LoRA rank of every adapter (all seven projections); rank 2 learns the tasks as well as rank 8
-    here (held-out task accuracy 0.99 vs 0.97) and its family compresses far better"""
+    """LoRA rank of every adapter (all seven projections). At rank 16 use lora_alpha 8 (alpha /
+    sqrt(r) = 2): alpha / r = 2 learns worse (`benchmarks/bench_lora_rank.py`: 0.794 vs 0.931)"""
     lora_alpha: float = 4
     """LoRA alpha"""
     bank_rank: int = 32
@@ -214,6 +214,10 @@ def train_adapters(base_dir: Path, tok, samples: list[data.Sample], cfg: BuildCo
 
     model = load_model(base_dir)
     enc = data.Encoder(tok, cfg.variety)
+    # the family trains on plain prompts: with variety its joint step over 1017 rank-16 adapters
+    # took 6.0 s instead of 2.8 s (long system prompts and earlier turns), and the base it adapts
+    # reads past those already
+    plain = data.Encoder(tok)
     tr, checked = family(cfg)
     n_skills = len(SKILLS)
     multi = MultiLora(model, n_skills + len(tr) + len(checked), r=cfg.r, lora_alpha=cfg.lora_alpha, seed=cfg.seed)
@@ -237,10 +241,10 @@ def train_adapters(base_dir: Path, tok, samples: list[data.Sample], cfg: BuildCo
         for _ in range(n):
             if checked and rng.random() < cfg.checker_share:
                 j = rng.randrange(len(checked))
-                out.append(data.checker_example(enc, rng, checked[j], n_skills + len(tr) + j))
+                out.append(data.checker_example(plain, rng, checked[j], n_skills + len(tr) + j))
             else:
                 j = rng.randrange(len(tr))
-                out.append(data.task_example(enc, rng, tr[j], n_skills + j))
+                out.append(data.task_example(plain, rng, tr[j], n_skills + j))
         return out
 
     def sample(rng, n):

@@ -1,14 +1,16 @@
 """`kilolora world eval`: measure a world's base model and skills on held-out splits, served by
 the engine exactly as the orchestrator uses them.
 
-- base greedy accuracy on held-out arithmetic problems (and pass@k / majority / verifier-best-of-k
-  on k samples, to show the headroom test-time strategies have);
+- base greedy accuracy on held-out arithmetic problems, also as a chat sends them (in words,
+  after a system prompt and an earlier exchange); pass@k / majority / verifier-best-of-k on k
+  samples, to show the headroom test-time strategies have;
 - verifier AUROC on the base's own held-out samples (correct vs incorrect final answer);
 - self-evaluation AUROC on the steps of those samples (first-error labelling);
 - tool-selector precision / recall of calls at held-out step boundaries (a call counts when its
   expression is exactly the next product);
 - per task of the family: accuracy of the uncompressed adapter, of its bank entry and of the base
-  (no adapter); the bank's size and reconstruction error; the normalised score
+  (no adapter), also per role and family (task/shift, task/add, task/replace, verifier/replace);
+  the per-task verifiers' AUROC; the bank's size and reconstruction error; the normalised score
   (bank − base) / (uncompressed − base) of the mean accuracies.
 """
 
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import collections
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from . import data
 from .spec import yes_probability
@@ -95,6 +98,10 @@ def evaluate(world: World, n_problems: int = 200, per_task: int = 8, samples: in
     prompts = [enc.prompt(p.question) for p in probs]
     greedy = _generate(engine, prompts, [None] * len(probs), 72)
     report["base_greedy_accuracy"] = _mean(parse_answer(c.text) == p.answer for p, c in zip(probs, greedy))
+    # the same problems as a chat sends them: asked in words, after a system prompt and an earlier exchange
+    chat, rng = data.Encoder(tok, variety=1.0), random.Random(f"chat:{seed}")
+    in_chat = _generate(engine, [chat.prompt(data.phrase(p.question, rng), rng) for p in probs], [None] * len(probs), 72)
+    report["base_greedy_accuracy_in_chat"] = _mean(parse_answer(c.text) == p.answer for p, c in zip(probs, in_chat))
     jobs = [(p, j) for p in probs for j in range(samples)]
     comps = _generate(engine, [enc.prompt(p.question) for p, _ in jobs], [None] * len(jobs), 72, temperature=1.0,
                       seed=seed * 7919 + 5)
@@ -188,39 +195,104 @@ class _Stages:
             self.progress.stop()
 
 
-def _eval_tasks(engine, enc, world: World, per_task: int, seed: int, has_full: bool, max_tasks: int | None) -> dict:
+@dataclass
+class TaskItems:
+    """Held-out (or training-split) inputs of the task family: generation items of the task
+    adapters (name, prompt ids, wanted text) and judgement items of the per-task verifiers
+    (name, context ids, whether the candidate is right)."""
+
+    gen: list[tuple[str, list[int], str]]
+    chk: list[tuple[str, list[int], bool]]
+
+
+def task_items(world: World, enc, per_task: int, seed: int = 0, split: str = "test",
+               max_tasks: int | None = None) -> TaskItems:
+    """`per_task` inputs of each task of the family from `split` ("test": held out; "train": the
+    inputs a sweep chooses the bank on)."""
     tasks = world.tasks if max_tasks is None else world.tasks[:max_tasks]
-    variants = {"bank": lambda n: n, "base": lambda n: None}
-    if has_full:
-        variants["uncompressed"] = lambda n: "full/" + n
-    gen_items, chk_items = [], []
+    gen, chk = [], []
     for t in tasks:
         tr = Transform.parse(t["task"])
-        rng = random.Random(f"eval:{seed}:{t['name']}")
-        for x in tr.inputs(per_task, seed + 17, "test"):
+        rng = random.Random(f"eval:{seed}:{split}:{t['name']}" if split != "test" else f"eval:{seed}:{t['name']}")
+        for x in tr.inputs(per_task, seed + 17, split):
             if t["role"] == "task":
-                gen_items.append((t["name"], enc.prompt(tr.prompt(x)), tr.apply(x)))
+                gen.append((t["name"], enc.prompt(tr.prompt(x)), tr.apply(x)))
             else:
                 good = rng.random() < 0.5
                 cand = data.checker_candidate(tr, x, good, rng)
-                chk_items.append((t["name"], data.checker_context(enc, tr, x, cand), good))
-    correct: dict[str, dict[str, list[bool]]] = {v: collections.defaultdict(list) for v in variants}
-    for v, name_of in variants.items():
-        comps = _generate(engine, [p for _, p, _ in gen_items], [name_of(n) for n, _, _ in gen_items], 16)
-        for (n, _, want), c in zip(gen_items, comps):
-            correct[v][n].append(c.text == want)
-        if chk_items:
-            sc = yes_no_scores(engine, [c for _, c, _ in chk_items], VERIFY, [name_of(n) for n, _, _ in chk_items])
-            for (n, _, good), s in zip(chk_items, sc):
-                correct[v][n].append((s > 0.5) == good)
-    per = {v: {n: _mean(xs) for n, xs in d.items()} for v, d in correct.items()}
+                chk.append((t["name"], data.checker_context(enc, tr, x, cand), good))
+    return TaskItems(gen, chk)
+
+
+@dataclass
+class TaskScores:
+    """Per task: right / wrong per item (a task adapter's exact output; a verifier's P(yes) > 0.5
+    on the right side), and the verifiers' P(yes) with their labels (for AUROC)."""
+
+    correct: dict[str, list[bool]]
+    verifier_scores: list[tuple[str, float, bool]]
+
+
+def score_tasks(engine, items: TaskItems, adapter_of: Callable[[str], str | None]) -> TaskScores:
+    """Run the items on `engine`, each under `adapter_of(task name)` (None: the base)."""
+    correct: dict[str, list[bool]] = collections.defaultdict(list)
+    comps = _generate(engine, [p for _, p, _ in items.gen], [adapter_of(n) for n, _, _ in items.gen], 16)
+    for (n, _, want), c in zip(items.gen, comps):
+        correct[n].append(c.text == want)
+    vs = []
+    if items.chk:
+        sc = yes_no_scores(engine, [c for _, c, _ in items.chk], VERIFY, [adapter_of(n) for n, _, _ in items.chk])
+        for (n, _, good), s in zip(items.chk, sc):
+            correct[n].append((s > 0.5) == good)
+            vs.append((n, s, good))
+    return TaskScores(dict(correct), vs)
+
+
+def group_of(task: dict) -> str:
+    """`role/family` of a family member: task/shift, task/add, task/replace, verifier/replace."""
+    return f"{task['role']}/{Transform.parse(task['task']).family}"
+
+
+def summarize_tasks(world: World, scores: dict[str, TaskScores], per_task: int, max_tasks: int | None = None) -> dict:
+    """The family's report from each variant's scores (variants: bank, base, uncompressed, ...):
+    mean accuracy overall, per role/family and per task; verifier AUROC; normalised scores."""
+    tasks = world.tasks if max_tasks is None else world.tasks[:max_tasks]
+    groups = {t["name"]: group_of(t) for t in tasks}
+    per = {v: {t["name"]: _mean(sc.correct.get(t["name"], [])) for t in tasks} for v, sc in scores.items()}
     mean = {v: _mean(d.values()) for v, d in per.items()}
-    out = {"count": len(tasks), "examples_per_task": per_task, "accuracy": mean, "per_task": per,
-           "uncompressed_source": "live" if has_full else "not present (run `kilolora world build`)"}
-    if has_full:
-        den = mean["uncompressed"] - mean["base"]
-        out["normalised_score"] = (mean["bank"] - mean["base"]) / den if den > 0 else None
+    by_group: dict[str, dict[str, float]] = {}
+    for g in sorted(set(groups.values())):
+        by_group[g] = {v: _mean(a for n, a in d.items() if groups[n] == g) for v, d in per.items()}
+        by_group[g]["count"] = sum(1 for x in groups.values() if x == g)
+    out = {"count": len(tasks), "examples_per_task": per_task, "accuracy": mean, "by_group": by_group,
+           "per_task": per}
+    ver = {v: auroc([s for _, s, _ in sc.verifier_scores], [y for _, _, y in sc.verifier_scores])
+           for v, sc in scores.items() if sc.verifier_scores}
+    if ver:
+        out["verifier_auroc"] = ver
+    if "uncompressed" in scores and "base" in scores:
+        out["normalised_score"] = normalised(mean["bank"], mean["base"], mean["uncompressed"])
         out["bank_over_uncompressed"] = mean["bank"] / mean["uncompressed"] if mean["uncompressed"] else None
+        for g, d in by_group.items():
+            d["normalised_score"] = normalised(d["bank"], d["base"], d["uncompressed"])
+    return out
+
+
+def normalised(bank: float, base: float, uncompressed: float) -> float | None:
+    """(bank − base) / (uncompressed − base): the share of the adapters' gain over the base the
+    bank keeps (None when the adapters gain nothing)."""
+    den = uncompressed - base
+    return (bank - base) / den if den > 0 else None
+
+
+def _eval_tasks(engine, enc, world: World, per_task: int, seed: int, has_full: bool, max_tasks: int | None) -> dict:
+    items = task_items(world, enc, per_task, seed, "test", max_tasks)
+    variants = {"bank": lambda n: n, "base": lambda n: None}
+    if has_full:
+        variants["uncompressed"] = lambda n: "full/" + n
+    scores = {v: score_tasks(engine, items, f) for v, f in variants.items()}
+    out = summarize_tasks(world, scores, per_task, max_tasks)
+    out["uncompressed_source"] = "live" if has_full else "not present (run `kilolora world build`)"
     return out
 
 

@@ -80,15 +80,17 @@ class World:
     def has_uncompressed(self) -> bool:
         return all((self.adapters_dir / t["name"]).is_dir() for t in self.tasks)
 
-    def engine(self, *, uncompressed: bool = False, bank: bool = True, **engine_kw):
+    def engine(self, *, uncompressed: bool = False, bank: bool = True, bank_dir: str | os.PathLike | None = None,
+               **engine_kw):
         """An `Engine` serving the base, the built-in skills (dense) and the task bank (bank
-        entries under their task names; with `uncompressed`, the original adapters as `full/<task>`)."""
+        entries under their task names; with `uncompressed`, the original adapters as `full/<task>`).
+        `bank_dir`: serve that bank instead of the world's own (a sweep's candidates)."""
         from serving.engine import Engine
 
         in_bank = {t["name"] for t in self.tasks}
         skill_dirs = {s.name: self.skill_dir(s.name) for s in self.skills() if s.name not in in_bank}
-        eng = Engine.from_pretrained(self.base_dir, bank=self.bank_dir if bank else None, adapters=skill_dirs,
-                                     **engine_kw)
+        chosen = (Path(bank_dir) if bank_dir is not None else self.bank_dir) if bank else None
+        eng = Engine.from_pretrained(self.base_dir, bank=chosen, adapters=skill_dirs, **engine_kw)
         if uncompressed:
             for t in self.tasks:
                 eng.load_adapter("full/" + t["name"], self.adapters_dir / t["name"])

@@ -33,11 +33,13 @@ COMMANDS: dict[str, Callable] = {
     "world build": world_cmds.world_build,
     "world rebank": world_cmds.world_rebank,
     "world retrain": world_cmds.world_retrain,
+    "world sweep": world_cmds.world_sweep,
     "world eval": world_cmds.world_eval,
 }
 
 GROUPS = {"bank": "inspect, export and grow a compressed adapter bank",
-          "world": "build, retrain, recompress and evaluate the embedded default world (base model, skills, task bank)"}
+          "world": "build, retrain, recompress (and sweep banks of) and evaluate the embedded default world "
+                   "(base model, skills, task bank)"}
 
 
 def build_parser() -> argparse.ArgumentParser:

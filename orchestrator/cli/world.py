@@ -121,6 +121,90 @@ def world_retrain(*, world: str = "kilolora-world", skills: str = "verifier,self
         _print_report(w.manifest["eval"])
 
 
+def world_sweep(*, world: str = "kilolora-world", methods: str = "svd,jd-diag,jd-full", ranks: str = "8,16,32",
+                clusters: str = "1,4,8", grid: str | None = None, per_task: int = 4, seed: int = 0,
+                dtype: str | None = None, out: str | None = None) -> None:
+    """Sweep compression methods, ranks and cluster counts over a world's task family and choose the bank.
+
+    Each candidate bank is fitted to the uncompressed task adapters in WORLD/adapters, served by
+    the engine and scored on TRAINING-split inputs (the held-out split stays for `world eval`),
+    against the base and the uncompressed adapters (scored once). The choice: among candidates
+    saving >= 95% of the parameters with normalised score (bank - base) / (uncompressed - base)
+    >= 0.95 and verifier AUROC within 0.02 of the uncompressed, the highest normalised score; if
+    none meets all three, the best one saving >= 95%, marked as missing the targets. Also reports
+    the knee: the mean reconstruction error up to which the normalised score stays >= 0.95.
+
+    Writes OUT/sweep.json (after every candidate: an interrupted or extended sweep reruns only
+    what is missing), OUT/sweep_saved.png and OUT/sweep_error.png. Apply the choice with
+    `kilolora world rebank`.
+
+    Example: kilolora world sweep --world kilolora-world --grid svd:16,jd-diag:32:8,jd-full:16:8
+
+    Args:
+      world: a world directory built by `kilolora world build` (with its adapters/)
+      methods: comma-separated: svd, jd-diag, jd-full
+      ranks: comma-separated ranks of the shared bases
+      clusters: comma-separated cluster counts (svd has none: it runs once per rank)
+      grid: explicit candidates method:rank:clusters,... instead of the product of the three above
+      per_task: training-split inputs per task adapter
+      seed: seed of the inputs drawn
+      dtype: float32 | float16 | bfloat16 storage of the banks (default: the world's bank dtype)
+      out: output directory (default: WORLD/sweep)
+    """
+    from skills import sweep as S
+
+    if grid is not None:
+        cands = S.parse_grid(grid)
+    else:
+        cands = S.candidates(_names(methods), _ints(ranks, "ranks"), _ints(clusters, "clusters"))
+    if per_task < 1:
+        raise ValueError(f"--per-task must be >= 1, got {per_task}")
+    try:
+        S.require_matplotlib()
+    except ImportError as e:  # an install step, not a bug: one line, not a traceback
+        raise ValueError(str(e)) from None
+    t0 = time.perf_counter()
+    r = S.sweep(world, cands, per_task=per_task, seed=seed, out=out, console=err_console, dtype=dtype)
+    err_console.print(f"swept {len(r['rows'])} candidate banks of {r['adapters']} adapters in "
+                      f"{time.perf_counter() - t0:.0f} s ({sum(x['reused'] for x in r['rows'])} reused)")
+    _print_sweep(r)
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in _names(text)]
+    except ValueError:
+        raise ValueError(f"--{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _print_sweep(r: dict) -> None:
+    out = Console()
+    choice = r.get("choice")
+    t = Table(title=f"bank sweep: {r['adapters']} adapters, training-split inputs", show_header=True)
+    for col in ("bank", "saved", "err mean", "err max", "acc", "norm.", "AUROC drop"):
+        t.add_column(col, justify="left" if col == "bank" else "right")
+    rows = sorted(enumerate(r["rows"]), key=lambda ir: ir[1]["params_saved"])
+    for i, x in rows:
+        star = " *" if choice is not None and choice.get("index") == i else ""
+        label = f"{x['method']} r{x['rank']}" + (f" k{x['clusters']}" if x["method"] != "svd" else "") + star
+        t.add_row(label, _fmt(x["params_saved"]), _fmt(x["rel_error_mean"]), _fmt(x["rel_error_max"]),
+                  _fmt(x["accuracy"]), _fmt(x.get("normalised_score")), _fmt(x.get("auroc_drop")),
+                  style="dim" if x.get("reused") else None)
+    out.print(t)
+    if choice is not None:
+        out.print(f"choice (*): {choice['method']} rank {choice['rank']}, {choice['clusters']} clusters: "
+                  f"{choice['reason']}")
+        out.print(f"  apply it: kilolora world rebank --world WORLD --method {choice['method']} --rank "
+                  f"{choice['rank']} --clusters {choice['clusters']}")
+    out.print(f"knee: {r['knee']['summary']}")
+    for p in r.get("plots", []):
+        out.print(f"plot: {p}")
+
+
 def world_eval(*, world: str | None = None, json: bool = False, problems: int = 200, per_task: int = 8,
                samples: int = 4, max_tasks: int | None = None, seed: int = 0) -> None:
     """Measure a world on its held-out splits, served by the engine.
@@ -172,7 +256,8 @@ def _print_report(r: dict) -> None:
     t = Table(title="world eval (held-out)", show_header=True)
     t.add_column("measure")
     t.add_column("value", justify="right")
-    rows = [("base greedy accuracy", r["base_greedy_accuracy"]), (f"pass@{k} (samples, T=1)", r.get(f"pass_at_{k}")),
+    rows = [("base greedy accuracy", r["base_greedy_accuracy"]),
+            ("  asked in words, after a system prompt and a turn", r.get("base_greedy_accuracy_in_chat")), (f"pass@{k} (samples, T=1)", r.get(f"pass_at_{k}")),
             (f"majority of {k}", r.get(f"majority_of_{k}")), (f"verifier best of {k}", r.get(f"verifier_best_of_{k}")),
             ("verifier AUROC", r["verifier_auroc"]),
             ("verifier AUROC within a problem", r.get("verifier_auroc_within_problem")),
@@ -187,6 +272,14 @@ def _print_report(r: dict) -> None:
     rows += [(f"task adapters ({tasks['count']}): base", acc["base"]), ("task adapters: uncompressed" + src, unc),
              ("task adapters: bank", acc["bank"]),
              ("normalised score" + src, tasks.get("normalised_score", rec.get("normalised_score")))]
+    for g, d in tasks.get("by_group", {}).items():
+        parts = [f"{v} {d[v]:.3f}" for v in ("base", "uncompressed", "bank") if v in d]
+        if d.get("normalised_score") is not None:
+            parts.append(f"normalised {d['normalised_score']:.3f}")
+        rows.append((f"  {g} ({d['count']})", ", ".join(parts)))
+    ver = tasks.get("verifier_auroc")
+    if ver:
+        rows.append(("per-task verifiers AUROC", ", ".join(f"{v} {x:.3f}" for v, x in ver.items() if x is not None)))
     b = r["bank"]
     rows += [("bank params saved", b["params_saved"]), ("bank mean rel. error", b["rel_error_mean"]),
              ("bank", f"{b['method']} rank {b['rank']}, {b['clusters']} clusters, {b['params_after']:,} params")]

@@ -16,10 +16,10 @@ from compression import Bank, load_adapter
 from compression.synthetic import PlantedSpec, write_planted
 
 
-def kilolora(*args, check=True) -> subprocess.CompletedProcess:
+def kilolora(*args, check=True, timeout=300) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "kilolora"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "orchestrator.cli"]
-    proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"kilolora {' '.join(map(str, args))} failed:\n{proc.stderr}")
     return proc

@@ -91,7 +91,7 @@ def test_the_demo_over_http_gets_the_in_process_results(world_server):
     from pathlib import Path
 
     exe = str(Path(sys.executable).with_name("kilolora"))
-    args = ["demo", "--problems", "6", "--n", "4", "--strategies", "greedy,best_of_n,tools", "--json"]
+    args = ["demo", "--problems", "6", "--n", "4", "--strategies", "greedy,best_of_n,tools", "--json", "--no-bank"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reports = []
     for extra in ([], ["--url", world_server + "/v1"]):

@@ -152,5 +152,20 @@ def test_demo_cli_reports_every_strategy(tmp_path):
     assert 2 < v["prefilled_per_call"] < 40 and v["reused_per_call"] > v["prefilled_per_call"]
     events = json.loads(out.read_text())["trace"]
     assert any(e["event"] == "tool" for e in events) and any(e["event"] == "adapter" for e in events)
+    # the bank part (on by default): one user per bank entry, each on its own adapter
+    from skills.world import World
+
+    world = World.load()
+    bank, u = report["bank"], report["bank"]["users"]
+    assert u["requests"] == u["distinct_adapters"] == u["bank_entries"] == bank["entries"] == len(world.tasks)
+    assert u["accuracy"]["bank"] > u["accuracy"]["base"] + 0.5
+    if not world.has_uncompressed():
+        assert u["accuracy"]["uncompressed"] is None and u["uncompressed_source"] == "recorded at build"
+    th = u["throughput"]
+    assert th["distinct_adapters"] == len(world.tasks) and th["bank_tok_s"] > 0 and th["base_tok_s"] > 0
+    assert th["ratio"] == round(th["bank_tok_s"] / th["base_tok_s"], 4)
+    v = bank["verifiers"]
+    assert v["tasks"] == sum(t["role"] == "verifier" for t in world.tasks) and v["verifier_calls"] == 4 * v["tasks"]
+    assert "--no-bank" in kilolora("demo", "--help").stdout
     bad = kilolora("demo", "--strategies", "greedy,magic", check=False)
     assert bad.returncode == 1 and "unknown ['magic']" in bad.stderr and "Traceback" not in bad.stderr

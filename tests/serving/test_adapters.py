@@ -172,7 +172,9 @@ def test_mixed_batch_of_64_equals_each_sequence_alone(world, tmp_path, method, c
 
 
 # rank 10 fuses q|v into R = 20 (cores as z Sᵀ) and leaves down_proj at 10 (cores as S z)
-@pytest.mark.parametrize("method, clusters, rank", [("jd-full", 8, 6), ("jd-full", 16, 10), ("jd-diag", 16, 6)])
+# svd: every adapter its own basis (40 clusters of one) and diagonal cores
+@pytest.mark.parametrize("method, clusters, rank", [("jd-full", 8, 6), ("jd-full", 16, 10), ("jd-diag", 16, 6),
+                                                    ("svd", 1, 3)])
 def test_bank_of_many_clusters_equals_its_dense_export(world, tmp_path, method, clusters, rank):
     """Bank entries on the grouped CPU path score and generate like the dense LoRAs exported
     from them, in batches that take each of its layouts (all clusters padded, the present ones

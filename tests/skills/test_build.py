@@ -1,6 +1,6 @@
 """`kilolora world build --quick` end to end (real subprocesses): every output loads with
 transformers / peft, peft reproduces the engine on every exported adapter, and `world eval`
-reports every field."""
+reports every field. The world (`quick_world`) is built once, in conftest.py."""
 
 from __future__ import annotations
 
@@ -18,14 +18,6 @@ from tests.orchestrator.test_cli import kilolora
 
 FIELDS = ["base_greedy_accuracy", "verifier_auroc", "self_eval_auroc", "tool_selector_precision",
           "tool_selector_recall", "sample_accuracy", "pass_at_2", "majority_of_2", "verifier_best_of_2"]
-
-
-@pytest.fixture(scope="module")
-def quick_world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("w") / "world"
-    proc = kilolora("world", "build", "--quick", "--out", out, "--seed", 1)
-    assert "built" in proc.stderr and "base model" in proc.stderr  # the progress bars went to stderr
-    return World.load(out)
 
 
 def test_quick_build_writes_a_complete_world(quick_world):
