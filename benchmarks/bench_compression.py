@@ -3,7 +3,7 @@
 Measures, per collection size n and method (per-adapter svd, jd-full, jd-diag, jd-full with K
 clusters, jd-full weighted by 1/‖ΔW_i‖²): parameters before / after, reconstruction error
 (relative Frobenius, per adapter), the iterations the fits took to converge (max and mean over
-slots and clusters, and the share that met the tolerance), wall time of the compress call, and
+targets and clusters, and the share that met the tolerance), wall time of the compress call, and
 peak memory. Every (n, method) runs in a fresh subprocess that generates its own data from the
 seed, so its peak RSS (`ru_maxrss`, which includes the generated input and the imports) belongs
 to that one configuration; the JSON also has the RSS just before compress. The svd baseline is
@@ -51,7 +51,7 @@ def make_collection(n, hidden, layers, modules, shared_rank, groups, noise, seed
     shapes = {"q": (hidden, hidden), "k": (hidden, hidden // 4), "v": (hidden, hidden // 4)}  # (in, out)
     spec = PlantedSpec(
         n=n,
-        slots=tuple((MODULES[m], *shapes[m]) for m in modules),
+        modules=tuple((MODULES[m], *shapes[m]) for m in modules),
         layers=layers,
         r=ADAPTER_RANK,
         shared_rank=shared_rank,
@@ -59,10 +59,10 @@ def make_collection(n, hidden, layers, modules, shared_rank, groups, noise, seed
         noise=noise,
         seed=seed,
     )
-    As, Bs, _ = planted_factors(spec)  # per adapter: slot -> (r, d_in), slot -> (d_out, r)
+    As, Bs, _ = planted_factors(spec)  # per adapter: target -> (r, d_in), target -> (d_out, r)
     if norm_spread != 1.0:
         u = torch.rand(n, generator=torch.Generator().manual_seed(seed + 1))
-        Bs = [{s: b * norm_spread ** float(u[i]) for s, b in Bs[i].items()} for i in range(n)]
+        Bs = [{t: b * norm_spread ** float(u[i]) for t, b in Bs[i].items()} for i in range(n)]
     config = {
         "r": ADAPTER_RANK,
         "lora_alpha": ADAPTER_RANK,  # scaling 1: the planted factors are already the effective ones
@@ -200,8 +200,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--n", type=int, nargs="+", default=[10, 100], help="collection sizes (default: 10 100)")
-    p.add_argument("--layers", type=int, default=1, help="layers, each with the chosen q/k/v slots (default: 1)")
-    p.add_argument("--modules", nargs="+", choices=list(MODULES), default=list(MODULES), help="slots per layer")
+    p.add_argument("--layers", type=int, default=1, help="layers, each with the chosen q/k/v targets (default: 1)")
+    p.add_argument("--modules", nargs="+", choices=list(MODULES), default=list(MODULES), help="targets per layer")
     p.add_argument("--hidden", type=int, default=4096, help="q is hidden→hidden, k and v hidden→hidden/4 (default: 4096)")
     p.add_argument("--rank", type=int, default=16, help="rank of the bank's bases (default: 16)")
     p.add_argument("--clusters", type=int, default=4, help="K for jd-full+clusters (default: 4)")
@@ -229,7 +229,7 @@ def main(argv=None) -> None:
         p.error(f"--hidden must be a positive multiple of 4 (k/v out = hidden/4); got {args.hidden}")
     smallest = args.hidden if args.modules == ["q"] else args.hidden // 4
     if not 1 <= args.rank <= smallest:
-        p.error(f"--rank must be between 1 and the smallest slot dimension ({smallest}); got {args.rank}")
+        p.error(f"--rank must be between 1 and the smallest target dimension ({smallest}); got {args.rank}")
     if min(args.n) < 1 or min(args.repeats, args.layers, args.groups, args.shared_rank) < 1:
         p.error("--n, --repeats, --layers, --groups and --shared-rank must be >= 1; "
                 f"got n={args.n}, repeats={args.repeats}, layers={args.layers}, groups={args.groups}, "

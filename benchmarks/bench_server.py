@@ -140,7 +140,8 @@ class Server:
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
-            return {k: float(v) for k, v in (line.split() for line in r.read().decode().splitlines() if line)}
+            lines = [line for line in r.read().decode().splitlines() if line and not line.startswith("#")]
+            return {k: float(v) for k, v in (line.split() for line in lines)}
 
     def cpu_seconds(self) -> float | None:
         """user + system CPU of the server process, all its threads (Linux /proc; None elsewhere)."""

@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compression.bank import Bank, BankEntry  # noqa: E402
-from compression.peft_io import LoraAdapter, SlotInfo  # noqa: E402
+from compression.peft_io import LoraAdapter, TargetInfo  # noqa: E402
 from serving import Engine, SamplingParams  # noqa: E402
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -64,36 +64,36 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def slots(engine: Engine) -> list[SlotInfo]:
+def targets(engine: Engine) -> list[TargetInfo]:
     c = engine.config
     out = []
     for layer in range(c.num_layers):
         for m in MODULES:
             part = "mlp" if m in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             d_in, d_out = c.module_shape(m)
-            out.append(SlotInfo(f"base_model.model.model.layers.{layer}.{part}.{m}", d_in, d_out))
+            out.append(TargetInfo(f"base_model.model.model.layers.{layer}.{part}.{m}", d_in, d_out))
     return out
 
 
 def random_bank(engine: Engine, n: int, clusters: int, rank: int, seed: int) -> Bank:
-    """A JD-Full bank of n entries: orthonormal U, V per (slot, cluster), random cores."""
+    """A JD-Full bank of n entries: orthonormal U, V per (target, cluster), random cores."""
     g = torch.Generator().manual_seed(seed)
-    U, V, S = {}, {}, {}
-    for s in slots(engine):
-        U[s.name] = torch.linalg.qr(torch.randn(clusters, s.out_features, rank, generator=g))[0]
-        V[s.name] = torch.linalg.qr(torch.randn(clusters, s.in_features, rank, generator=g))[0]
-        S[s.name] = torch.randn(n, rank, rank, generator=g) * 0.05
-    entries = [BankEntry(name=f"bank{i:04d}", index=i, cluster=i % clusters, slots=list(U), r=rank, lora_alpha=rank)
+    U, V, cores = {}, {}, {}
+    for t in targets(engine):
+        U[t.name] = torch.linalg.qr(torch.randn(clusters, t.out_features, rank, generator=g))[0]
+        V[t.name] = torch.linalg.qr(torch.randn(clusters, t.in_features, rank, generator=g))[0]
+        cores[t.name] = torch.randn(n, rank, rank, generator=g) * 0.05
+    entries = [BankEntry(name=f"bank{i:04d}", index=i, cluster=i % clusters, targets=list(U), r=rank, lora_alpha=rank)
                for i in range(n)]
-    return Bank(method="jd-full", rank=rank, slots=slots(engine), U=U, V=V, sigma=S, entries=entries)
+    return Bank(method="jd-full", rank=rank, targets=targets(engine), U=U, V=V, cores=cores, entries=entries)
 
 
 def random_dense(engine: Engine, i: int, rank: int) -> LoraAdapter:
     # drawn on the engine's device: 1000 rank-16 adapters at 7B shapes are 10^9 normals
     dev = engine.registry.device
     g = torch.Generator(device=dev).manual_seed(10_000 + i)
-    A = {s.name: torch.randn(rank, s.in_features, generator=g, device=dev) * 0.02 for s in slots(engine)}
-    B = {s.name: torch.randn(s.out_features, rank, generator=g, device=dev) * 0.02 for s in slots(engine)}
+    A = {t.name: torch.randn(rank, t.in_features, generator=g, device=dev) * 0.02 for t in targets(engine)}
+    B = {t.name: torch.randn(t.out_features, rank, generator=g, device=dev) * 0.02 for t in targets(engine)}
     return LoraAdapter(f"dense{i:04d}", {"r": rank, "lora_alpha": rank, "target_modules": list(MODULES)}, A, B)
 
 
@@ -215,7 +215,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(a.seed)
     prompts = [torch.randint(1, a.vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.batch)]
     nmax = max(a.n)
-    per_dense = sum(a.rank * (s.in_features + s.out_features) for s in slots(engine)) * dtype.itemsize
+    per_dense = sum(a.rank * (t.in_features + t.out_features) for t in targets(engine)) * dtype.itemsize
     engines = {"base": engine}
     for k in a.clusters:
         e = Engine.from_pretrained(tmp / "model", **kw)

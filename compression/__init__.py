@@ -1,7 +1,8 @@
 """Compress a collection of PEFT LoRA adapters into a shared-basis bank.
 
-`B_i A_i ≈ U_k Σ_i V_kᵀ` per (layer, module) slot and cluster k, after Brüel-Gabrielsson et
-al., "Compress then Serve" (ICML 2025). Depends on torch and safetensors only.
+`B_i A_i ≈ U_k Σ_i V_kᵀ` per target (an adapted (layer, module), as in peft's `target_modules`)
+and cluster k, with Σ_i the adapter's core, after Brüel-Gabrielsson et al., "Compress then
+Serve" (ICML 2025). Depends on torch and safetensors only.
 
     from compression import load_collection, compress, CompressConfig, Bank
     bank = compress(load_collection(["adapters/"]), CompressConfig(method="jd-full", rank=16))
@@ -10,8 +11,8 @@ al., "Compress then Serve" (ICML 2025). Depends on torch and safetensors only.
 
 from .bank import Bank, BankEntry
 from .compress import CompressConfig, compress
-from .jd import METHODS, SlotFit, jd_diag, jd_full, svd_per_adapter
-from .peft_io import Collection, LoraAdapter, SlotInfo, find_adapter_dirs, load_adapter, load_collection, save_adapter
+from .jd import METHODS, TargetFit, jd_diag, jd_full, svd_per_adapter
+from .peft_io import Collection, LoraAdapter, TargetInfo, find_adapter_dirs, load_adapter, load_collection, save_adapter
 
 __all__ = [
     "Bank",
@@ -20,8 +21,8 @@ __all__ = [
     "CompressConfig",
     "LoraAdapter",
     "METHODS",
-    "SlotFit",
-    "SlotInfo",
+    "TargetFit",
+    "TargetInfo",
     "compress",
     "find_adapter_dirs",
     "jd_diag",

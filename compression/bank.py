@@ -1,16 +1,21 @@
-"""The adapter bank: shared bases per (slot, cluster) and a tiny core per adapter, on disk.
+"""The adapter bank: shared bases per (target, cluster) and a tiny core per adapter, on disk.
 
-A bank directory holds
+A *target* is one adapted linear layer, a (layer, module) named by its PEFT key prefix (see
+`peft_io`). A bank directory holds
 
-- `bank.safetensors`: for every slot `<slot>.U` (K, d_out, r), `<slot>.V` (K, d_in, r) and
-  `<slot>.sigma` (n, r, r) for JD-Full or (n, r) for JD-Diag / SVD;
-- `bank.json`: format version, base model, target modules, method, rank, clusters, slots,
+- `bank.safetensors`: for every target `<target>.U` (K, d_out, r), `<target>.V` (K, d_in, r) and
+  the per-adapter cores `<target>.cores` (n, r, r) for JD-Full or (n, r) for JD-Diag / SVD;
+- `bank.json`: format version, base model, target modules, method, rank, clusters, targets,
   adapters (name → index, cluster, original r / lora_alpha / use_rslora / activation tokens,
-  the slots it adapts, relative reconstruction error), and the sha256 of the tensor file.
+  the targets it adapts, relative reconstruction error), and the sha256 of the tensor file.
 
-Adapter i on slot s is ΔŴ = U[c_i] Σ_i V[c_i]ᵀ. An SVD bank gives every adapter its own
-cluster. Errors are relative Frobenius norms over the whole adapter (all its slots together):
-‖ΔW − ΔŴ‖_F / ‖ΔW‖_F.
+Adapter i on target t is ΔŴ = U[c_i] Σ_i V[c_i]ᵀ, Σ_i = `cores[t][i]`. An SVD bank gives every
+adapter its own cluster. Errors are relative Frobenius norms over the whole adapter (all its
+targets together): ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F.
+
+Format version 2 is written. Version 1 banks, which called the targets `slots` (in bank.json:
+`slots`, `adapters[].slots`, `stats.slots`) and the cores `<slot>.sigma`, are still read: the
+names are mapped on load (the sha256 is over the tensor file's bytes, so it checks either name).
 """
 
 from __future__ import annotations
@@ -30,15 +35,20 @@ from safetensors.torch import load_file, save_file
 
 from . import jd
 from .jsonfields import describe, from_json, json_type, matches, short
-from .peft_io import LoraAdapter, SlotInfo, check_output_name, save_adapter
+from .peft_io import LoraAdapter, TargetInfo, check_output_name, save_adapter
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""the version `save` writes; `load` reads every version in `_NAMES`"""
 TENSORS_NAME = "bank.safetensors"
 META_NAME = "bank.json"
 BACKUP_SUFFIX = ".kilolora-old"
 """`.<name>.kilolora-old` beside a bank holds the old bank while an overwrite swaps in the new one."""
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_TENSOR_KEYS = ("U", "V", "sigma")
+_TENSOR_KEYS = ("U", "V", "cores")
+"""`<target>.<key>` in the tensor file, and the Bank attribute that holds it"""
+_NAMES = {1: ("slots", "sigma"), 2: ("targets", "cores")}
+"""format_version → (the bank.json key of the targets, at the top, in adapters[] and in stats;
+the tensor key of the cores)"""
 
 
 @dataclass
@@ -47,17 +57,17 @@ class BankEntry:
 
     name: str
     index: int
-    """row of every `<slot>.sigma`"""
+    """row of every `<target>.cores`"""
     cluster: int
     """which U, V basis it uses"""
-    slots: list[str]
-    """the slots the original adapter adapts (others are zero)"""
+    targets: list[str]
+    """the targets the original adapter adapts (others are zero)"""
     r: int
     lora_alpha: float
     use_rslora: bool = False
     alora_invocation_tokens: list[int] | None = None
     rel_error: float = 0.0
-    """‖ΔW − ΔŴ‖_F / ‖ΔW‖_F over all its slots"""
+    """‖ΔW − ΔŴ‖_F / ‖ΔW‖_F over all its targets"""
     num_parameters: int = 0
     """parameters of the original adapter"""
     bytes: int = 0
@@ -74,16 +84,21 @@ class Bank:
 
     method: str
     rank: int
-    slots: list[SlotInfo]
+    targets: list[TargetInfo]
+    """the adapted layers, e.g. `base_model.model.model.layers.0.self_attn.q_proj`, with their shapes"""
     U: dict[str, torch.Tensor]
+    """target → (K, d_out, r)"""
     V: dict[str, torch.Tensor]
-    sigma: dict[str, torch.Tensor]
+    """target → (K, d_in, r)"""
+    cores: dict[str, torch.Tensor]
+    """target → Σ_i of every adapter, (n, r, r) for jd-full, (n, r) for jd-diag and svd"""
     entries: list[BankEntry]
     base_model_name_or_path: str | None = None
     target_modules: list[str] = field(default_factory=list)
+    """the union of the adapters' peft `target_modules` (module names such as `q_proj`)"""
     history: dict = field(default_factory=dict)
     """relative objective Σw‖ΔW−ΔŴ‖²/Σw‖ΔW‖²: `fit` per iteration, `clustering` per round; and of the
-    final fits `iterations` / `converged` (slot → one per cluster), `max_iters`, `tol`, `weighting`"""
+    final fits `iterations` / `converged` (target → one per cluster), `max_iters`, `tol`, `weighting`"""
     dtype: str = "float32"
 
     # ----------------------------------------------------------------------------- lookup
@@ -103,19 +118,19 @@ class Bank:
         raise KeyError(f"no adapter named {name!r} in the bank (it has {len(self.entries)}: {_preview(self.names)})")
 
     def factors(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """PEFT factors of one adapter: lora_A[slot] = V_cᵀ (r, d_in), lora_B[slot] = U_c Σ_i (d_out, r)."""
+        """PEFT factors of one adapter: lora_A[target] = V_cᵀ (r, d_in), lora_B[target] = U_c Σ_i (d_out, r)."""
         e = self.entry(name)
         lora_A, lora_B = {}, {}
-        for s in e.slots:
-            U, V, S = self.U[s][e.cluster].float(), self.V[s][e.cluster].float(), self.sigma[s][e.index].float()
-            lora_A[s] = V.T.contiguous()
-            lora_B[s] = U @ S if S.dim() == 2 else U * S
+        for t in e.targets:
+            U, V, core = self.U[t][e.cluster].float(), self.V[t][e.cluster].float(), self.cores[t][e.index].float()
+            lora_A[t] = V.T.contiguous()
+            lora_B[t] = U @ core if core.dim() == 2 else U * core
         return lora_A, lora_B
 
     def reconstruct(self, name: str) -> dict[str, torch.Tensor]:
-        """Dense ΔŴ (d_out, d_in) per slot of one adapter."""
+        """Dense ΔŴ (d_out, d_in) per target of one adapter."""
         lora_A, lora_B = self.factors(name)
-        return {s: lora_B[s] @ lora_A[s] for s in lora_A}
+        return {t: lora_B[t] @ lora_A[t] for t in lora_A}
 
     def export(self, name: str, out_dir: str | os.PathLike) -> Path:
         """Write one adapter as a PEFT directory (B' = U Σ_i, A' = Vᵀ, scaling 1)."""
@@ -138,51 +153,51 @@ class Bank:
         name = name if name is not None else adapter.name
         if name in self.names:
             raise ValueError(f"the bank already has an adapter named {name!r}; pass another --name")
-        slot_info = {s.name: s for s in self.slots}
-        for s, info in adapter.slots.items():
-            if s not in slot_info:
-                raise ValueError(f"adapter {name!r} adapts slot {s!r}, which the bank has no basis for")
-            if info != slot_info[s]:
-                want = slot_info[s]
+        target_info = {t.name: t for t in self.targets}
+        for t, info in adapter.targets.items():
+            if t not in target_info:
+                raise ValueError(f"adapter {name!r} adapts target {t!r}, which the bank has no basis for")
+            if info != target_info[t]:
+                want = target_info[t]
                 raise ValueError(
-                    f"adapter {name!r} slot {s!r} has shape (out={info.out_features}, in={info.in_features}) "
+                    f"adapter {name!r} target {t!r} has shape (out={info.out_features}, in={info.in_features}) "
                     f"but the bank has (out={want.out_features}, in={want.in_features})"
                 )
         factors = {}
-        for s in self.slots:
-            if s.name in adapter.lora_A:
-                factors[s.name] = (adapter.lora_A[s.name][None], adapter.lora_B[s.name][None])
+        for t in self.targets:
+            if t.name in adapter.lora_A:
+                factors[t.name] = (adapter.lora_A[t.name][None], adapter.lora_B[t.name][None])
             else:
-                factors[s.name] = (torch.zeros(1, 1, s.in_features), torch.zeros(1, s.out_features, 1))
+                factors[t.name] = (torch.zeros(1, 1, t.in_features), torch.zeros(1, t.out_features, 1))
         norm = sum(float(jd.sq_norms(A, B)[0]) for A, B in factors.values())
 
         if self.method == "svd":
             cluster, err, new_U, new_V, cores = self.num_clusters, 0.0, {}, {}, {}
-            for s, (A, B) in factors.items():
+            for t, (A, B) in factors.items():
                 U, sv, V = jd.svd_per_adapter(A, B, self.rank)
-                new_U[s], new_V[s], cores[s] = U, V, sv
+                new_U[t], new_V[t], cores[t] = U, V, sv
                 err += float(jd.svd_tail(A, B, self.rank)[0])
-            for s in factors:
-                self.U[s] = torch.cat([self.U[s], new_U[s].to(self.U[s].dtype)])
-                self.V[s] = torch.cat([self.V[s], new_V[s].to(self.V[s].dtype)])
+            for t in factors:
+                self.U[t] = torch.cat([self.U[t], new_U[t].to(self.U[t].dtype)])
+                self.V[t] = torch.cat([self.V[t], new_V[t].to(self.V[t].dtype)])
         else:
             errors = torch.zeros(self.num_clusters)
-            for s, (A, B) in factors.items():
+            for t, (A, B) in factors.items():
                 for k in range(self.num_clusters):
-                    errors[k] += float(jd.ERRORS[self.method](A, B, self.U[s][k].float(), self.V[s][k].float())[0])
+                    errors[k] += float(jd.ERRORS[self.method](A, B, self.U[t][k].float(), self.V[t][k].float())[0])
             cluster = int(errors.argmin())
             err = float(errors[cluster])
             cores = {
-                s: jd.CORES[self.method](A, B, self.U[s][cluster].float(), self.V[s][cluster].float())
-                for s, (A, B) in factors.items()
+                t: jd.CORES[self.method](A, B, self.U[t][cluster].float(), self.V[t][cluster].float())
+                for t, (A, B) in factors.items()
             }
-        for s in factors:
-            self.sigma[s] = torch.cat([self.sigma[s], cores[s].to(self.sigma[s].dtype)])
+        for t in factors:
+            self.cores[t] = torch.cat([self.cores[t], cores[t].to(self.cores[t].dtype)])
         entry = BankEntry(
             name=name,
             index=len(self.entries),
             cluster=cluster,
-            slots=sorted(adapter.lora_A),
+            targets=sorted(adapter.lora_A),
             r=adapter.r,
             lora_alpha=adapter.lora_alpha,
             use_rslora=adapter.use_rslora,
@@ -199,7 +214,7 @@ class Bank:
     # ------------------------------------------------------------------------------ stats
 
     def num_parameters(self) -> int:
-        return sum(t.numel() for d in (self.U, self.V, self.sigma) for t in d.values())
+        return sum(x.numel() for d in (self.U, self.V, self.cores) for x in d.values())
 
     def stats(self) -> dict:
         """Sizes before / after and reconstruction errors (relative Frobenius, per adapter)."""
@@ -213,7 +228,7 @@ class Bank:
         return {
             "method": self.method,
             "adapters": len(self.entries),
-            "slots": len(self.slots),
+            "targets": len(self.targets),
             "rank": self.rank,
             "clusters": self.num_clusters,
             "params_before": before,
@@ -241,11 +256,11 @@ class Bank:
         killed between the renames leaves the old bank in the backup; the next `save`,
         `load` or `check_output` of `out_dir` puts it back.
         """
-        target = Path(os.path.abspath(out_dir))
-        check_output(target, overwrite)
+        dest = Path(os.path.abspath(out_dir))
+        check_output(dest, overwrite)
         tensors = self._stored_tensors()  # refuses NaN/Inf before anything is written
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
         try:
             save_file(tensors, str(tmp / TENSORS_NAME), metadata={"format": "kilolora.bank"})
             meta = {
@@ -257,17 +272,17 @@ class Bank:
                 "rank": self.rank,
                 "num_clusters": self.num_clusters,
                 "dtype": self.dtype,
-                "slots": [asdict(s) for s in self.slots],
+                "targets": [asdict(t) for t in self.targets],
                 "adapters": [asdict(e) for e in self.entries],
                 "history": self.history,
                 "stats": self.stats(),
                 "tensors_sha256": _sha256(tmp / TENSORS_NAME),
             }
             (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
-            if target.exists() or target.is_symlink():
-                _swap(tmp, target)
+            if dest.exists() or dest.is_symlink():
+                _swap(tmp, dest)
             else:
-                os.replace(tmp, target)
+                os.replace(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -279,7 +294,7 @@ class Bank:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}; got {self.dtype!r}")
         dtype = _DTYPES[self.dtype]
         tensors = {
-            f"{s.name}.{key}": getattr(self, key)[s.name].to(dtype).contiguous() for s in self.slots for key in _TENSOR_KEYS
+            f"{t.name}.{key}": getattr(self, key)[t.name].to(dtype).contiguous() for t in self.targets for key in _TENSOR_KEYS
         }
         bad = first_non_finite(tensors.items())
         if bad is not None:
@@ -289,7 +304,10 @@ class Bank:
 
     @classmethod
     def load(cls, bank_dir: str | os.PathLike) -> Bank:
-        """Read a bank directory, verifying the tensor file's sha256, every field, shape and value."""
+        """Read a bank directory, verifying the tensor file's sha256, every field, shape and value.
+
+        Reads format_version 1 (`slots`, `<slot>.sigma`) as well as 2, mapping the old names.
+        """
         bank_dir = Path(bank_dir)
         recover(bank_dir)
         meta_path, tensor_path = bank_dir / META_NAME, bank_dir / TENSORS_NAME
@@ -301,8 +319,15 @@ class Bank:
             raise ValueError(f"{meta_path}: invalid JSON ({e})") from None
         if not isinstance(meta, dict):
             raise ValueError(f"{meta_path}: expected a JSON object, got {json_type(meta)}")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_path}: format_version {meta.get('format_version')!r}; this kilolora reads {FORMAT_VERSION}")
+        version = meta.get("format_version")
+        if type(version) is not int or version not in _NAMES:  # true, 1.0 and [1] are refused too
+            got = short(version) if "format_version" in meta else "none (the field is missing)"
+            raise ValueError(
+                f"{meta_path}: unknown format_version; this kilolora reads {' or '.join(map(str, _NAMES))}, got {got} "
+                "(a bank written by a newer kilolora needs that kilolora)"
+            )
+        cores_key = _NAMES[version][1]
+        meta = _upgrade(meta, version)
         _check_meta(meta, meta_path)
         if _sha256(tensor_path) != meta.get("tensors_sha256"):
             raise ValueError(f"{tensor_path}: sha256 does not match {META_NAME}; the bank is corrupt or was modified")
@@ -310,15 +335,16 @@ class Bank:
             tensors = load_file(str(tensor_path))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{tensor_path}: corrupt safetensors file ({e})") from None
-        slots = [from_json(SlotInfo, s, f"{meta_path}: slots[{i}]") for i, s in enumerate(meta["slots"])]
+        targets = [from_json(TargetInfo, t, f"{meta_path}: targets[{i}]") for i, t in enumerate(meta["targets"])]
         entries = [from_json(BankEntry, e, f"{meta_path}: adapters[{i}]") for i, e in enumerate(meta["adapters"])]
         dtype = meta.get("dtype", "float32")
-        want = {f"{s.name}.{key}" for s in slots for key in _TENSOR_KEYS}
+        want = {f"{t.name}.{key}" for t in targets for key in ("U", "V", cores_key)}
         odd = sorted(want ^ set(tensors))
         if odd:
             what = "missing tensor" if odd[0] in want else "unexpected tensor"
             raise ValueError(
-                f"{tensor_path}: {what} {odd[0]!r}; a bank holds <slot>.U, .V and .sigma of the slots in {META_NAME}"
+                f"{tensor_path}: {what} {odd[0]!r}; a bank of format_version {version} holds <target>.U, .V and "
+                f".{cores_key} of the targets in {META_NAME}"
             )
         for name, t in tensors.items():
             if t.dtype != _DTYPES[dtype]:
@@ -330,10 +356,10 @@ class Bank:
         bank = cls(
             method=meta["method"],
             rank=meta["rank"],
-            slots=slots,
-            U={s.name: tensors[f"{s.name}.U"] for s in slots},
-            V={s.name: tensors[f"{s.name}.V"] for s in slots},
-            sigma={s.name: tensors[f"{s.name}.sigma"] for s in slots},
+            targets=targets,
+            U={t.name: tensors[f"{t.name}.U"] for t in targets},
+            V={t.name: tensors[f"{t.name}.V"] for t in targets},
+            cores={t.name: tensors[f"{t.name}.{cores_key}"] for t in targets},
             entries=entries,
             base_model_name_or_path=meta.get("base_model_name_or_path"),
             target_modules=meta.get("target_modules", []),
@@ -345,39 +371,59 @@ class Bank:
 
     def check(self) -> None:
         """Raise ValueError unless names are unique and every tensor has the shape the metadata implies."""
-        for what, names in (("slot", [s.name for s in self.slots]), ("adapter", self.names)):
+        for what, names in (("target", [t.name for t in self.targets]), ("adapter", self.names)):
             seen: set[str] = set()
             for name in names:
                 if name in seen:
                     raise ValueError(f"the bank lists {what} {name!r} twice; {what} names must be unique")
                 seen.add(name)
         K, n, r = self.num_clusters, len(self.entries), self.rank
-        for s in self.slots:
+        for t in self.targets:
             want = {
-                "U": (K, s.out_features, r),
-                "V": (K, s.in_features, r),
-                "sigma": (n, r, r) if self.method == "jd-full" else (n, r),
+                "U": (K, t.out_features, r),
+                "V": (K, t.in_features, r),
+                "cores": (n, r, r) if self.method == "jd-full" else (n, r),
             }
             for key, shape in want.items():
-                got = tuple(getattr(self, key)[s.name].shape)
+                got = tuple(getattr(self, key)[t.name].shape)
                 if got != shape:
-                    raise ValueError(f"bank tensor {s.name}.{key} has shape {got}, expected {shape}")
-        slot_names = {s.name for s in self.slots}
+                    raise ValueError(f"bank tensor {t.name}.{key} has shape {got}, expected {shape}")
+        target_names = {t.name for t in self.targets}
         for i, e in enumerate(self.entries):
             if e.index != i or not 0 <= e.cluster < K:
                 raise ValueError(f"bank entry {e.name!r} has index {e.index} / cluster {e.cluster}; expected {i} / [0, {K})")
-            extra = sorted(set(e.slots) - slot_names)
+            extra = sorted(set(e.targets) - target_names)
             if extra:
-                raise ValueError(f"bank entry {e.name!r} adapts slot {extra[0]!r}, which the bank has no basis for")
+                raise ValueError(f"bank entry {e.name!r} adapts target {extra[0]!r}, which the bank has no basis for")
+
+
+def _upgrade(meta: dict, version: int) -> dict:
+    """bank.json of an older format_version in the current names (version 1: `slots` → `targets`
+    at the top, in every adapter and in stats). Only names change: the values are checked after."""
+    old, new = _NAMES[version][0], _NAMES[FORMAT_VERSION][0]
+    if old == new:
+        return meta
+
+    def rename(d):
+        if not isinstance(d, dict) or old not in d or new in d:  # leave odd input to the checks
+            return d
+        return {new if k == old else k: v for k, v in d.items()}
+
+    meta = dict(rename(meta))
+    if isinstance(meta.get("adapters"), list):
+        meta["adapters"] = [rename(e) for e in meta["adapters"]]
+    if "stats" in meta:
+        meta["stats"] = rename(meta["stats"])
+    return meta
 
 
 def _per_fit(history: dict, key: str) -> list:
-    """history[key] (slot → one value per cluster) flattened; other shapes (older banks, or a
+    """history[key] (target → one value per cluster) flattened; other shapes (older banks, or a
     hand-edited bank.json: the history is not checked) give none."""
-    per_slot = history.get(key)
-    if not isinstance(per_slot, dict):
+    per_target = history.get(key)
+    if not isinstance(per_target, dict):
         return []
-    return [x for per_cluster in per_slot.values() if isinstance(per_cluster, list) for x in per_cluster]
+    return [x for per_cluster in per_target.values() if isinstance(per_cluster, list) for x in per_cluster]
 
 
 def _sha256(path: Path) -> str:
@@ -395,45 +441,45 @@ def _preview(names: list[str], k: int = 5) -> str:
 # ------------------------------------------------------------------------- safe writes
 
 
-def _backup(target: Path) -> Path:
-    return target.parent / f".{target.name}{BACKUP_SUFFIX}"
+def _backup(dest: Path) -> Path:
+    return dest.parent / f".{dest.name}{BACKUP_SUFFIX}"
 
 
-def _swap(new: Path, target: Path) -> None:
-    """Replace the bank at `target` by `new`; at every instant a bank is at `target` or in its backup."""
-    backup = _backup(target)
-    os.replace(target, backup)
+def _swap(new: Path, dest: Path) -> None:
+    """Replace the bank at `dest` by `new`; at every instant a bank is at `dest` or in its backup."""
+    backup = _backup(dest)
+    os.replace(dest, backup)
     try:
-        os.replace(new, target)
+        os.replace(new, dest)
     except BaseException:
-        os.replace(backup, target)  # if this fails too, `recover` puts the old bank back later
+        os.replace(backup, dest)  # if this fails too, `recover` puts the old bank back later
         raise
     shutil.rmtree(backup, ignore_errors=True)
 
 
 def recover(bank_dir: str | os.PathLike) -> None:
     """Finish an overwrite killed mid-swap: restore the old bank from its backup, or drop a stale backup."""
-    target = Path(os.path.abspath(bank_dir))
-    backup = _backup(target)
+    dest = Path(os.path.abspath(bank_dir))
+    backup = _backup(dest)
     if len(os.fsencode(backup.name)) > 255 or not backup.is_dir():
         return
-    if not target.exists() and not target.is_symlink():
+    if not dest.exists() and not dest.is_symlink():
         if (backup / META_NAME).is_file():
-            os.replace(backup, target)
-    elif (target / META_NAME).is_file():  # the new bank is in place: the backup is the old one
+            os.replace(backup, dest)
+    elif (dest / META_NAME).is_file():  # the new bank is in place: the backup is the old one
         shutil.rmtree(backup, ignore_errors=True)
 
 
 def check_output(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """Raise ValueError unless a bank may be written at `out_dir`: a new path, or an existing bank to overwrite."""
-    target = Path(os.path.abspath(out_dir))
-    check_output_name(target)
-    recover(target)
-    if not target.exists() and not target.is_symlink():
+    dest = Path(os.path.abspath(out_dir))
+    check_output_name(dest)
+    recover(dest)
+    if not dest.exists() and not dest.is_symlink():
         return
     if not overwrite:
         raise ValueError(f"output directory already exists: {out_dir} (pass --overwrite to replace it, if it is a bank)")
-    if not (target.is_dir() and (target / META_NAME).is_file()):
+    if not (dest.is_dir() and (dest / META_NAME).is_file()):
         raise ValueError(
             f"refusing to overwrite {out_dir}: it is not a kilolora bank (no {META_NAME}); overwrite only replaces a bank"
         )
@@ -449,14 +495,14 @@ def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
 _META_FIELDS = {
     "method": str,
     "rank": int,
-    "slots": list,
+    "targets": list,
     "adapters": list,
     "dtype": str,
     "base_model_name_or_path": str | None,
     "target_modules": list[str],
     "history": dict,
 }
-_REQUIRED = ("method", "rank", "slots", "adapters")
+_REQUIRED = ("method", "rank", "targets", "adapters")
 
 
 def _check_meta(meta: dict, where: Path) -> None:

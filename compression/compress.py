@@ -1,8 +1,8 @@
-"""Compress a collection into a bank: per-slot fits, optionally with K clusters of adapters.
+"""Compress a collection into a bank: per-target fits, optionally with K clusters of adapters.
 
 Clustering follows the extension in "Compress then Serve" (ICML 2025): alternate (a) fitting
-each cluster's basis on every slot, and (b) moving every adapter to the cluster whose bases
-reconstruct it best, the error summed over all slots, so one assignment holds for the whole
+each cluster's basis on every target, and (b) moving every adapter to the cluster whose bases
+reconstruct it best, the error summed over all targets, so one assignment holds for the whole
 adapter. Clusters are seeded by farthest-point selection on each adapter's own SVD basis, which
 makes the result deterministic for a seed, and two starts are tried from the seeds: balanced
 (⌈n/K⌉ each, greedy by regret) and nearest-seed; the one with the lower objective goes on.
@@ -46,7 +46,7 @@ class CompressConfig:
     clusters: int = 1
     """number K of adapter clusters, each with its own bases (jd methods only)."""
     iters: int | None = None
-    """maximum alternating iterations of the final fit of each slot and cluster; None: 100 for
+    """maximum alternating iterations of the final fit of each target and cluster; None: 100 for
     jd-full, 500 for jd-diag (fits stop earlier once converged, see tol)."""
     cluster_iters: int = 10
     """maximum assignment rounds when clusters > 1."""
@@ -54,7 +54,7 @@ class CompressConfig:
     """a fit has converged once an iteration lowers its objective by less than tol × the previous value."""
     weighting: str = "uniform"
     """uniform: minimise Σ_i ‖ΔW_i − ΔŴ_i‖²; relative: Σ_i ‖ΔW_i − ΔŴ_i‖² / ‖ΔW_i‖² (norms over all
-    slots), the squared relative errors, so adapters with large norms don't dominate the bases."""
+    targets), the squared relative errors, so adapters with large norms don't dominate the bases."""
     min_cluster_size: int | None = None
     """fewest adapters a cluster may hold; None: ⌈n/(4K)⌉, which keeps clusters from collapsing."""
     seed: int = 0
@@ -78,11 +78,11 @@ def validate(collection: Collection, cfg: CompressConfig) -> None:
         raise ValueError(f"method must be one of {', '.join(jd.METHODS)}; got {cfg.method!r}")
     if cfg.rank < 1:
         raise ValueError(f"rank must be >= 1; got {cfg.rank}")
-    for s in collection.slots:
-        if cfg.rank > min(s.in_features, s.out_features):
+    for t in collection.targets:
+        if cfg.rank > min(t.in_features, t.out_features):
             raise ValueError(
-                f"rank {cfg.rank} is larger than slot {s.name!r} allows "
-                f"(min(out={s.out_features}, in={s.in_features}) = {min(s.in_features, s.out_features)})"
+                f"rank {cfg.rank} is larger than target {t.name!r} allows "
+                f"(min(out={t.out_features}, in={t.in_features}) = {min(t.in_features, t.out_features)})"
             )
     if cfg.clusters < 1 or cfg.clusters > len(collection):
         raise ValueError(f"clusters must be between 1 and the number of adapters ({len(collection)}); got {cfg.clusters}")
@@ -115,11 +115,11 @@ def compress(collection: Collection, cfg: CompressConfig | None = None, progress
         cfg = replace(cfg, device="cpu")
     report = progress if progress is not None else (lambda phase, done, total: None)
     gen = torch.Generator().manual_seed(cfg.seed)
-    factors = {s.name: collection.factors(s.name, cfg.device) for s in collection.slots}
+    factors = {t.name: collection.factors(t.name, cfg.device) for t in collection.targets}
     total_norm = sum(jd.sq_norms(A, B) for A, B in factors.values())  # (n,)
 
     if cfg.method == "svd":
-        U, V, sigma, errors, history = _fit_svd(factors, cfg.rank, report)
+        U, V, cores, errors, history = _fit_svd(factors, cfg.rank, report)
         assign = torch.arange(len(collection))
     else:
         weights = _weights(total_norm, cfg.weighting)
@@ -129,7 +129,7 @@ def compress(collection: Collection, cfg: CompressConfig | None = None, progress
         else:
             assign, clustering, warm = _cluster(factors, total_norm, weights, cfg, gen, report)
         fit = _fit_clusters(factors, assign, weights, cfg, cfg.max_iters, warm, gen, report, "fitting")
-        U, V, sigma, errors = fit.U, fit.V, fit.sigma, fit.errors
+        U, V, cores, errors = fit.U, fit.V, fit.cores, fit.errors
         denom = _objective_scale(total_norm, weights)
         history = {
             "clustering": clustering,
@@ -144,12 +144,13 @@ def compress(collection: Collection, cfg: CompressConfig | None = None, progress
     dtypes = {a.dtype for a in collection.adapters}
     dtype = cfg.dtype if cfg.dtype is not None else (str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32")
     stored = getattr(torch, dtype)
-    bad = first_non_finite((f"{s}.{key}", t[s].to(stored)) for s in U for key, t in (("U", U), ("V", V), ("sigma", sigma)))
+    tensors = (("U", U), ("V", V), ("cores", cores))
+    bad = first_non_finite((f"{t}.{key}", x[t].to(stored)) for t in U for key, x in tensors)
     if bad is not None:
         hint = "; values beyond float16's range: store float32 (--dtype float32)" if dtype == "float16" else ""
         raise ValueError(f"the fit produced NaN or Inf values in bank tensor {bad} (as {dtype}){hint}")
     if dtype != "float32":  # report the error of what is stored, rounding included
-        errors = _stored_errors(factors, assign, U, V, sigma, stored)
+        errors = _stored_errors(factors, assign, U, V, cores, stored)
     rel = (errors / total_norm.clamp_min(1e-30)).sqrt()
     rel[total_norm == 0] = 0.0
     entries = [
@@ -157,7 +158,7 @@ def compress(collection: Collection, cfg: CompressConfig | None = None, progress
             name=a.name,
             index=i,
             cluster=int(assign[i]),
-            slots=sorted(a.lora_A),
+            targets=sorted(a.lora_A),
             r=a.r,
             lora_alpha=a.lora_alpha,
             use_rslora=a.use_rslora,
@@ -169,40 +170,40 @@ def compress(collection: Collection, cfg: CompressConfig | None = None, progress
         )
         for i, a in enumerate(collection.adapters)
     ]
-    targets = set()
+    modules = set()
     for a in collection.adapters:
-        t = a.config.get("target_modules")
-        targets |= {t} if isinstance(t, str) else set(t or [])
+        m = a.config.get("target_modules")
+        modules |= {m} if isinstance(m, str) else set(m or [])
     return Bank(
         method=cfg.method,
         rank=cfg.rank,
-        slots=collection.slots,
-        U={s: u.cpu() for s, u in U.items()},
-        V={s: v.cpu() for s, v in V.items()},
-        sigma={s: x.cpu() for s, x in sigma.items()},
+        targets=collection.targets,
+        U={t: u.cpu() for t, u in U.items()},
+        V={t: v.cpu() for t, v in V.items()},
+        cores={t: x.cpu() for t, x in cores.items()},
         entries=entries,
         base_model_name_or_path=collection.adapters[0].base_model_name_or_path,
-        target_modules=sorted(targets),
+        target_modules=sorted(modules),
         history=history,
         dtype=dtype,
     )
 
 
 def _fit_svd(factors, r, report):
-    U, V, sigma = {}, {}, {}
+    U, V, cores = {}, {}, {}
     errors = 0
-    for j, (s, (A, B)) in enumerate(factors.items()):
-        U[s], sigma[s], V[s] = jd.svd_per_adapter(A, B, r)
+    for j, (t, (A, B)) in enumerate(factors.items()):
+        U[t], cores[t], V[t] = jd.svd_per_adapter(A, B, r)
         errors = errors + jd.svd_tail(A, B, r)
         report("svd", j + 1, len(factors))
-    return U, V, sigma, errors, {}
+    return U, V, cores, errors, {}
 
 
 def _weights(total_norm: torch.Tensor, weighting: str) -> torch.Tensor | None:
     """Per-adapter weights of the objective, (n,), or None for uniform."""
     if weighting == "uniform":
         return None
-    # w_i ‖ΔW_i − ΔŴ_i‖² summed over slots is adapter i's squared relative error (all slots together).
+    # w_i ‖ΔW_i − ΔŴ_i‖² summed over targets is adapter i's squared relative error (all targets together).
     return torch.where(total_norm > 0, 1 / total_norm.clamp_min(1e-30), torch.ones_like(total_norm))
 
 
@@ -214,72 +215,72 @@ def _objective_scale(total_norm, weights) -> float:
 
 @dataclass
 class _Fitted:
-    """Every (slot, cluster) fit of one assignment."""
+    """Every (target, cluster) fit of one assignment."""
 
     U: dict[str, torch.Tensor]
-    """slot → (K, d_out, r)"""
+    """target → (K, d_out, r)"""
     V: dict[str, torch.Tensor]
-    """slot → (K, d_in, r)"""
-    sigma: dict[str, torch.Tensor]
-    """slot → (n, r, r) or (n, r)"""
+    """target → (K, d_in, r)"""
+    cores: dict[str, torch.Tensor]
+    """target → (n, r, r) or (n, r)"""
     errors: torch.Tensor
-    """(n,) squared error of each adapter (unweighted), all slots"""
+    """(n,) squared error of each adapter (unweighted), all targets"""
     history: list[float]
     """weighted objective per iteration, all fits summed; a fit that stopped early keeps its last value"""
     iterations: dict[str, list[int]]
-    """slot → iterations of each cluster's fit"""
+    """target → iterations of each cluster's fit"""
     converged: dict[str, list[bool]]
-    """slot → whether each cluster's fit met the tolerance"""
+    """target → whether each cluster's fit met the tolerance"""
 
 
 def _fit_clusters(factors, assign, weights, cfg, iters, warm, gen, report, phase) -> _Fitted:
-    """Fit every (slot, cluster) of an assignment, each for at most `iters` iterations."""
+    """Fit every (target, cluster) of an assignment, each for at most `iters` iterations."""
     K = cfg.clusters
-    U, V, sigma, iterations, converged = {}, {}, {}, {}, {}
+    U, V, cores, iterations, converged = {}, {}, {}, {}, {}
     n, device = len(assign), next(iter(factors.values()))[0].device
     errors = torch.zeros(n, device=device)
     histories = []
     members = [(assign == k).nonzero().squeeze(1).to(device) for k in range(K)]
-    for j, (s, (A, B)) in enumerate(factors.items()):
+    for j, (t, (A, B)) in enumerate(factors.items()):
         Us, Vs = [], []
-        cores = None
-        iterations[s], converged[s] = [], []
+        rows = None  # (n, r, r) or (n, r): the cores of every cluster's members
+        iterations[t], converged[t] = [], []
         for k in range(K):
             idx = members[k]
-            init = warm[s][k] if warm is not None else None
+            init = warm[t][k] if warm is not None else None
             Ak, Bk = (A, B) if K == 1 else (A[idx], B[idx])  # indexing copies: skip it for K=1
             wk = None if weights is None else weights[idx]
             fit = jd.FITS[cfg.method](Ak, Bk, cfg.rank, iters, cfg.tol, init=init, generator=gen, weights=wk)
             Us.append(fit.U)
             Vs.append(fit.V)
-            if cores is None:
-                cores = fit.sigma.new_zeros((A.shape[0], *fit.sigma.shape[1:]))
-            cores[idx] = fit.sigma
+            if rows is None:
+                rows = fit.cores.new_zeros((A.shape[0], *fit.cores.shape[1:]))
+            rows[idx] = fit.cores
             errors[idx] += fit.errors
             histories.append(fit.history)
-            iterations[s].append(fit.iterations)
-            converged[s].append(fit.converged)
-        U[s], V[s], sigma[s] = torch.stack(Us), torch.stack(Vs), cores
+            iterations[t].append(fit.iterations)
+            converged[t].append(fit.converged)
+        U[t], V[t], cores[t] = torch.stack(Us), torch.stack(Vs), rows
         report(phase, j + 1, len(factors))
-    # Objectives of all slots and clusters add up; a fit that stopped early keeps its last value.
+    # Objectives of all targets and clusters add up; a fit that stopped early keeps its last value.
     steps = max(len(h) for h in histories)
-    history = [sum(h[min(t, len(h) - 1)] for h in histories) for t in range(steps)]
-    return _Fitted(U, V, sigma, errors, history, iterations, converged)
+    history = [sum(h[min(step, len(h) - 1)] for h in histories) for step in range(steps)]
+    return _Fitted(U, V, cores, errors, history, iterations, converged)
 
 
-def _stored_errors(factors, assign, U, V, sigma, dtype) -> torch.Tensor:
+def _stored_errors(factors, assign, U, V, cores, dtype) -> torch.Tensor:
     """Squared error of every adapter once bases and cores are rounded to `dtype`, (n,).
 
-    Rounded bases are no longer orthonormal: U S Vᵀ = Qu (Ru S Rvᵀ) Qvᵀ with QR factors.
+    Rounded bases are no longer orthonormal: U Σ Vᵀ = Qu (Ru Σ Rvᵀ) Qvᵀ with QR factors.
     """
     errors = 0
-    for s, (A, B) in factors.items():
-        Qu, Ru = torch.linalg.qr(U[s].to(dtype).float())  # (K, d_out, r)
-        Qv, Rv = torch.linalg.qr(V[s].to(dtype).float())
-        S = sigma[s].to(dtype).float()
-        S = torch.diag_embed(S) if S.dim() == 2 else S  # (n, r, r)
+    for t, (A, B) in factors.items():
+        Qu, Ru = torch.linalg.qr(U[t].to(dtype).float())  # (K, d_out, r)
+        Qv, Rv = torch.linalg.qr(V[t].to(dtype).float())
+        core = cores[t].to(dtype).float()
+        core = torch.diag_embed(core) if core.dim() == 2 else core  # (n, r, r)
         a = assign.to(A.device)
-        C = Ru[a] @ S @ Rv[a].mT  # (n, r, r)
+        C = Ru[a] @ core @ Rv[a].mT  # (n, r, r)
         e = torch.zeros(len(A), device=A.device)
         for k in a.unique().tolist():
             idx = (a == k).nonzero().squeeze(1)
@@ -289,13 +290,13 @@ def _stored_errors(factors, assign, U, V, sigma, dtype) -> torch.Tensor:
 
 
 def _errors_to_clusters(factors, U, V, method) -> torch.Tensor:
-    """err[i, k]: squared error of adapter i under cluster k's bases, summed over slots, (n, K)."""
+    """err[i, k]: squared error of adapter i under cluster k's bases, summed over targets, (n, K)."""
     K = next(iter(U.values())).shape[0]
     cols = []
     for k in range(K):
         e = 0
-        for s, (A, B) in factors.items():
-            e = e + jd.ERRORS[method](A, B, U[s][k], V[s][k])
+        for t, (A, B) in factors.items():
+            e = e + jd.ERRORS[method](A, B, U[t][k], V[t][k])
         cols.append(e)
     return torch.stack(cols, 1).cpu()
 
@@ -312,7 +313,7 @@ def _seed_distances(factors, total_norm, cfg, gen) -> torch.Tensor:
     while True:
         c = centers[-1]
         err = 0
-        for s, (A, B) in factors.items():
+        for t, (A, B) in factors.items():
             Uc, _, Vc = jd.svd_per_adapter(A[c : c + 1], B[c : c + 1], cfg.rank)
             err = err + jd.full_errors(A, B, Uc[0], Vc[0])
         rel[:, len(centers) - 1] = err.cpu() / denom
@@ -375,7 +376,7 @@ def _cluster(factors, total_norm, weights, cfg, gen, report):
 
     def fit_round(assign, warm, phase):
         fit = _fit_clusters(factors, assign, weights, cfg, inner, warm, gen, report, phase)
-        warm = {s: [(fit.U[s][k], fit.V[s][k]) for k in range(K)] for s in fit.U}
+        warm = {t: [(fit.U[t][k], fit.V[t][k]) for k in range(K)] for t in fit.U}
         return warm, _errors_to_clusters(factors, fit.U, fit.V, cfg.method) * w  # (n, K), weighted
 
     def cost(assign, err) -> float:

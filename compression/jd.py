@@ -1,7 +1,7 @@
-"""Joint diagonalization of a LoRA collection on one slot: JD-Full, JD-Diag, per-adapter SVD.
+"""Joint diagonalization of a LoRA collection on one target: JD-Full, JD-Diag, per-adapter SVD.
 
 Following Brüel-Gabrielsson et al., "Compress then Serve: Serving Thousands of LoRA Adapters
-with Little Overhead" (ICML 2025). For adapters ΔW_i = B_i A_i of one slot:
+with Little Overhead" (ICML 2025). For adapters ΔW_i = B_i A_i of one target (adapted layer):
 
 - JD-Full:  ΔW_i ≈ U Σ_i Vᵀ, U (d_out×r), V (d_in×r) orthonormal and shared, Σ_i full r×r.
   For fixed U, V the best core is Σ_i = Uᵀ ΔW_i V, so the fit maximises Σ_i ‖Uᵀ ΔW_i V‖²_F:
@@ -17,7 +17,7 @@ each adapter's best core does not depend on w_i, so a weighted fit is the unweig
 adapters scaled by √w_i, with the cores of the unscaled ones.
 
 Both fits iterate until an iteration lowers the objective by less than `tol` × its previous
-value (`SlotFit.converged`), or `iters` iterations, and never increase it.
+value (`TargetFit.converged`), or `iters` iterations, and never increase it.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from .linalg import FactoredGram, top_subspace
 
 
 @dataclass
-class SlotFit:
-    """Shared basis and per-adapter cores of one slot (and one cluster)."""
+class TargetFit:
+    """Shared basis and per-adapter cores of one target (and one cluster)."""
 
     U: torch.Tensor
     """(d_out, r)"""
     V: torch.Tensor
     """(d_in, r)"""
-    sigma: torch.Tensor
+    cores: torch.Tensor
     """(n, r, r) for JD-Full, (n, r) for JD-Diag"""
     errors: torch.Tensor
     """(n,) squared Frobenius error of each adapter"""
@@ -115,7 +115,7 @@ def full_errors(A, B, U, V) -> torch.Tensor:
     return residual_sq(A, B, U, V)
 
 
-def jd_full(A, B, r, iters=100, tol=1e-4, init=None, generator=None, weights=None) -> SlotFit:
+def jd_full(A, B, r, iters=100, tol=1e-4, init=None, generator=None, weights=None) -> TargetFit:
     """Fit shared orthonormal U, V and full cores; the objective is non-increasing.
 
     `weights` (n,): minimise Σ w_i ‖ΔW_i − U Σ_i Vᵀ‖², i.e. the Gram operators Σ w_i ΔW_i V Vᵀ ΔW_iᵀ.
@@ -132,7 +132,7 @@ def jd_full(A, B, r, iters=100, tol=1e-4, init=None, generator=None, weights=Non
         if converged:
             break
     errors = full_errors(A, B, U, V)
-    return SlotFit(U, V, full_cores(A, B, U, V), errors, history, converged)
+    return TargetFit(U, V, full_cores(A, B, U, V), errors, history, converged)
 
 
 # ----------------------------------------------------------------------------------- JD-Diag
@@ -178,7 +178,7 @@ def _normalize_columns(X, s):
     return X / norms, s * norms
 
 
-def jd_diag(A, B, r, iters=500, tol=1e-4, init=None, generator=None, weights=None) -> SlotFit:
+def jd_diag(A, B, r, iters=500, tol=1e-4, init=None, generator=None, weights=None) -> TargetFit:
     """Alternating least squares over U, V and diagonal cores; the objective is non-increasing.
 
     `weights` (n,): minimise Σ w_i ‖ΔW_i − U diag(s_i) Vᵀ‖² (the ALS of the adapters scaled by √w_i).
@@ -205,7 +205,7 @@ def jd_diag(A, B, r, iters=500, tol=1e-4, init=None, generator=None, weights=Non
             break
     if weights is not None:  # least-squares cores of the unscaled adapters
         s = diag_cores(A, B, U, V)
-    return SlotFit(U, V, s, diag_errors(A, B, U, V, s=s), history, converged)
+    return TargetFit(U, V, s, diag_errors(A, B, U, V, s=s), history, converged)
 
 
 # ------------------------------------------------------------------------------------- SVD

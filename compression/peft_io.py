@@ -2,12 +2,12 @@
 
 An adapter is read from a PEFT directory (`adapter_config.json` + `adapter_model.safetensors`).
 Its scaling (`lora_alpha / r`, or `lora_alpha / sqrt(r)` with `use_rslora`, per-module
-overrides from `alpha_pattern`) is folded into `lora_B`, so that for every slot
+overrides from `alpha_pattern`) is folded into `lora_B`, so that for every target
 `ΔW = lora_B @ lora_A` and adapters of different rank and alpha compress together.
 
-A *slot* is one adapted linear layer, named by its PEFT key prefix, e.g.
-`base_model.model.model.layers.0.self_attn.q_proj`; its tensors are `<slot>.lora_A.weight`
-(r, in_features) and `<slot>.lora_B.weight` (out_features, r).
+A *target* is one adapted linear layer (a module that peft's `target_modules` matched), named
+by its PEFT key prefix, e.g. `base_model.model.model.layers.0.self_attn.q_proj`; its tensors
+are `<target>.lora_A.weight` (r, in_features) and `<target>.lora_B.weight` (out_features, r).
 
 Pickled weights (`adapter_model.bin`) are never loaded: they can run code on load.
 """
@@ -53,8 +53,8 @@ temporary and backup names written beside it."""
 
 
 @dataclass(frozen=True)
-class SlotInfo:
-    """One adapted linear layer: its PEFT key prefix and its shape."""
+class TargetInfo:
+    """One adapted linear layer (a target): its PEFT key prefix and its shape."""
 
     name: str
     in_features: int
@@ -63,23 +63,23 @@ class SlotInfo:
 
 @dataclass
 class LoraAdapter:
-    """A LoRA adapter held as per-slot factors with the scaling folded into `lora_B`."""
+    """A LoRA adapter held as per-target factors with the scaling folded into `lora_B`."""
 
     name: str
     """Unique name in a collection (the directory name by default)."""
     config: dict
     """`adapter_config.json` as read; kept so exports carry the original metadata."""
     lora_A: dict[str, torch.Tensor]
-    """slot -> (r, in_features)"""
+    """target -> (r, in_features)"""
     lora_B: dict[str, torch.Tensor]
-    """slot -> (out_features, r), already multiplied by the scaling"""
+    """target -> (out_features, r), already multiplied by the scaling"""
     dtype: torch.dtype = torch.float32
     """dtype the weights were stored in."""
     path: Path | None = None
 
     @property
-    def slots(self) -> dict[str, SlotInfo]:
-        return {s: SlotInfo(s, a.shape[1], self.lora_B[s].shape[0]) for s, a in self.lora_A.items()}
+    def targets(self) -> dict[str, TargetInfo]:
+        return {t: TargetInfo(t, a.shape[1], self.lora_B[t].shape[0]) for t, a in self.lora_A.items()}
 
     @property
     def r(self) -> int:
@@ -101,31 +101,31 @@ class LoraAdapter:
     def base_model_name_or_path(self) -> str | None:
         return self.config.get("base_model_name_or_path")
 
-    def delta(self, slot: str) -> torch.Tensor:
-        """The dense update ΔW = B A of one slot, (out_features, in_features). Small shapes only."""
-        return self.lora_B[slot].float() @ self.lora_A[slot].float()
+    def delta(self, target: str) -> torch.Tensor:
+        """The dense update ΔW = B A of one target, (out_features, in_features). Small shapes only."""
+        return self.lora_B[target].float() @ self.lora_A[target].float()
 
     def num_parameters(self) -> int:
         return sum(a.numel() + self.lora_B[s].numel() for s, a in self.lora_A.items())
 
 
-def module_name(slot: str) -> str:
+def module_name(target: str) -> str:
     """`base_model.model.model.layers.0.self_attn.q_proj` -> `model.layers.0.self_attn.q_proj`."""
-    return slot[len(_PEFT_PREFIX) :] if slot.startswith(_PEFT_PREFIX) else slot
+    return target[len(_PEFT_PREFIX) :] if target.startswith(_PEFT_PREFIX) else target
 
 
-def _pattern_value(patterns: dict, slot: str, default):
+def _pattern_value(patterns: dict, target: str, default):
     # Same matching rule as peft.utils.other.get_pattern_key.
-    name = module_name(slot)
+    name = module_name(target)
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 
 
-def lora_scaling(config: dict, slot: str, r: int) -> float:
-    """The factor peft multiplies `lora_B @ lora_A` by for this slot."""
-    alpha = float(_pattern_value(config.get("alpha_pattern"), slot, config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
+def lora_scaling(config: dict, target: str, r: int) -> float:
+    """The factor peft multiplies `lora_B @ lora_A` by for this target."""
+    alpha = float(_pattern_value(config.get("alpha_pattern"), target, config.get("lora_alpha", PEFT_DEFAULT_ALPHA)))
     return alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
 
 
@@ -201,7 +201,7 @@ def _check_config(config: dict, where: Path) -> None:
         raise ValueError(f"{where}: base_model_name_or_path must be a string; got {base!r}")
 
 
-def _check_magnitudes(where: Path, slot: str, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype) -> None:
+def _check_magnitudes(where: Path, target: str, a: torch.Tensor, b: torch.Tensor, scaling: float, dtype) -> None:
     """Refuse factors whose ΔW = b @ a could overflow: |ΔW_ij| <= ‖ΔW‖_F <= ‖a‖_F ‖b‖_F (Cauchy–Schwarz).
 
     `b` is scaled. The bound is the range of `dtype`, the dtype the weights are stored and
@@ -212,7 +212,7 @@ def _check_magnitudes(where: Path, slot: str, a: torch.Tensor, b: torch.Tensor, 
     na, nb = float(torch.linalg.vector_norm(a.double())), float(torch.linalg.vector_norm(b.double()))
     if not max(na, nb, na * nb) <= limit:  # NaN and inf fail too
         raise ValueError(
-            f"{where}: slot {slot!r}: ‖lora_A‖_F = {na:.3g} and ‖lora_B‖_F × scaling ({scaling:.3g}) = {nb:.3g}, "
+            f"{where}: target {target!r}: ‖lora_A‖_F = {na:.3g} and ‖lora_B‖_F × scaling ({scaling:.3g}) = {nb:.3g}, "
             f"so ΔW = lora_B @ lora_A could overflow {str(dtype).removeprefix('torch.')}; each norm and their "
             f"product must be at most {limit:.3g}"
         )
@@ -259,34 +259,34 @@ def load_adapter(path: str | os.PathLike, name: str | None = None) -> LoraAdapte
         raise ValueError(f"{weights}: no LoRA weights found")
     if set(lora_A) != set(lora_B):
         missing = sorted(set(lora_A) ^ set(lora_B))[0]
-        raise ValueError(f"{weights}: slot {missing!r} has only one of lora_A / lora_B")
+        raise ValueError(f"{weights}: target {missing!r} has only one of lora_A / lora_B")
 
     dtype = next(iter(lora_A.values())).dtype
-    for slot in sorted(lora_A):
-        a, b = lora_A[slot], lora_B[slot]
+    for target in sorted(lora_A):
+        a, b = lora_A[target], lora_B[target]
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise ValueError(
-                f"{weights}: slot {slot!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                f"{weights}: target {target!r} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
                 "expected (r, in_features) and (out_features, r)"
             )
         # peft scales by the configured rank, not the tensors': they must agree.
-        pattern_r = _pattern_value(config.get("rank_pattern"), slot, None)
+        pattern_r = _pattern_value(config.get("rank_pattern"), target, None)
         want = pattern_r if pattern_r is not None else config.get("r", PEFT_DEFAULT_R)
         if a.shape[0] != want:
             field = "rank_pattern" if pattern_r is not None else "r" if "r" in config else "r (peft's default)"
             raise ValueError(
-                f"{weights}: slot {slot!r} has rank {a.shape[0]} (lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}) "
+                f"{weights}: target {target!r} has rank {a.shape[0]} (lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}) "
                 f"but {CONFIG_NAME} gives it {field} = {want}"
             )
         narrowest = min((dtype, a.dtype, b.dtype), key=lambda d: torch.finfo(d).max)
         a, b = a.float(), b.float()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise ValueError(f"{weights}: slot {slot!r} has NaN or Inf weights")
-        scaling = lora_scaling(config, slot, a.shape[0])
+            raise ValueError(f"{weights}: target {target!r} has NaN or Inf weights")
+        scaling = lora_scaling(config, target, a.shape[0])
         b = b * scaling
-        _check_magnitudes(weights, slot, a, b, scaling, narrowest)
-        lora_A[slot] = a
-        lora_B[slot] = b
+        _check_magnitudes(weights, target, a, b, scaling, narrowest)
+        lora_A[target] = a
+        lora_B[target] = b
     return LoraAdapter(name or path.name, config, lora_A, lora_B, dtype=dtype, path=path)
 
 
@@ -301,7 +301,7 @@ def save_adapter(
     """Write a PEFT directory whose scaled `lora_B @ lora_A` equals the given (scaled) factors.
 
     `config` is a template (usually the original adapter's); rank and alpha are rewritten so
-    that peft's scaling is exactly 1 for every slot, or, with `lora_alpha` (one rank only),
+    that peft's scaling is exactly 1 for every target, or, with `lora_alpha` (one rank only),
     `lora_B` is stored divided by `lora_alpha / r`. Written to a temp dir, then renamed.
     """
     path = Path(path)
@@ -316,7 +316,7 @@ def save_adapter(
     scaling = 1.0
     if lora_alpha is not None:
         if odd:
-            raise ValueError("lora_alpha can only be set when every slot has the same rank")
+            raise ValueError("lora_alpha can only be set when every target has the same rank")
         cfg["lora_alpha"], scaling = lora_alpha, lora_alpha / r
     if odd:  # per-module rank with alpha = rank keeps scaling 1
         cfg["rank_pattern"] = {re.escape(m): k for m, k in odd.items()}
@@ -372,15 +372,15 @@ def find_adapter_dirs(inputs: list[str]) -> list[Path]:
 
 @dataclass
 class Collection:
-    """Validated adapters over a common set of slots, with their factors stacked per slot.
+    """Validated adapters over a common set of targets, with their factors stacked per target.
 
     The collection owns the factors: on construction each adapter's tensors are copied into
-    one zero-padded stack per slot and replaced by views of it, so a collection of 1000
+    one zero-padded stack per target and replaced by views of it, so a collection of 1000
     adapters is held in memory once, not twice. Treat the stacks as read-only.
     """
 
     adapters: list[LoraAdapter]
-    slots: list[SlotInfo] = field(default_factory=list)
+    targets: list[TargetInfo] = field(default_factory=list)
     _stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -390,23 +390,23 @@ class Collection:
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup is not None:
             raise ValueError(f"two adapters are named {dup!r}; adapter names must be unique")
-        self.slots = union_slots(self.adapters)
+        self.targets = union_targets(self.adapters)
         bases = {a.base_model_name_or_path for a in self.adapters}
         if len(bases) > 1:
             warnings.warn(f"adapters name different base models: {sorted(map(str, bases))}", stacklevel=2)
-        self._stacks = {info.name: self._stack(info) for info in self.slots}
+        self._stacks = {info.name: self._stack(info) for info in self.targets}
 
-    def _stack(self, info: SlotInfo) -> tuple[torch.Tensor, torch.Tensor]:
-        slot, n = info.name, len(self.adapters)
-        r_max = max(a.lora_A[slot].shape[0] if slot in a.lora_A else 0 for a in self.adapters)
+    def _stack(self, info: TargetInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        target, n = info.name, len(self.adapters)
+        r_max = max(a.lora_A[target].shape[0] if target in a.lora_A else 0 for a in self.adapters)
         A = torch.zeros(n, r_max, info.in_features)
         B = torch.zeros(n, info.out_features, r_max)
         for i, ad in enumerate(self.adapters):
-            if slot in ad.lora_A:
-                r = ad.lora_A[slot].shape[0]
-                A[i, :r] = ad.lora_A[slot]
-                B[i, :, :r] = ad.lora_B[slot]
-                ad.lora_A[slot], ad.lora_B[slot] = A[i, :r], B[i, :, :r]
+            if target in ad.lora_A:
+                r = ad.lora_A[target].shape[0]
+                A[i, :r] = ad.lora_A[target]
+                B[i, :, :r] = ad.lora_B[target]
+                ad.lora_A[target], ad.lora_B[target] = A[i, :r], B[i, :, :r]
         return A, B
 
     def __len__(self) -> int:
@@ -416,29 +416,29 @@ class Collection:
     def names(self) -> list[str]:
         return [a.name for a in self.adapters]
 
-    def factors(self, slot: str, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked, zero-padded factors of one slot: A (n, r_max, d_in), B (n, d_out, r_max).
+    def factors(self, target: str, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked, zero-padded factors of one target: A (n, r_max, d_in), B (n, d_out, r_max).
 
-        An adapter that does not adapt this slot contributes zeros (ΔW = 0).
+        An adapter that does not adapt this target contributes zeros (ΔW = 0).
         """
-        A, B = self._stacks[slot]
+        A, B = self._stacks[target]
         return A.to(device), B.to(device)
 
 
-def union_slots(adapters: list[LoraAdapter]) -> list[SlotInfo]:
-    """All slots any adapter adapts, checking that every adapter agrees on each slot's shape."""
-    seen: dict[str, tuple[SlotInfo, str]] = {}
+def union_targets(adapters: list[LoraAdapter]) -> list[TargetInfo]:
+    """All targets any adapter adapts, checking that every adapter agrees on each target's shape."""
+    seen: dict[str, tuple[TargetInfo, str]] = {}
     for ad in adapters:
-        for s, info in ad.slots.items():
-            if s in seen and seen[s][0] != info:
-                first, owner = seen[s]
+        for t, info in ad.targets.items():
+            if t in seen and seen[t][0] != info:
+                first, owner = seen[t]
                 raise ValueError(
-                    f"adapter {ad.name!r} slot {s!r} has shape "
+                    f"adapter {ad.name!r} target {t!r} has shape "
                     f"(out={info.out_features}, in={info.in_features}) but adapter {owner!r} has "
                     f"(out={first.out_features}, in={first.in_features})"
                 )
-            seen.setdefault(s, (info, ad.name))
-    return [seen[s][0] for s in sorted(seen, key=_natural_key)]
+            seen.setdefault(t, (info, ad.name))
+    return [seen[t][0] for t in sorted(seen, key=_natural_key)]
 
 
 def _natural_key(s: str):

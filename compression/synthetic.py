@@ -1,7 +1,7 @@
 """Planted LoRA collections: adapters that share bases per group, plus noise.
 
 Used by the tests, the benchmark and the README's quick start. Group g has orthonormal bases
-U_g (d_out×k), V_g (d_in×k) per slot; adapter i of group g has
+U_g (d_out×k), V_g (d_in×k) per target; adapter i of group g has
 `B_i = U_g C_i + ε N_B`, `A_i = D_iᵀ V_gᵀ + ε N_A` with random k×r C_i, D_i, so its ΔW_i lies
 (up to ε) in the span of U_g and V_g — the structure JD recovers.
 """
@@ -24,8 +24,8 @@ class PlantedSpec:
 
     n: int = 100
     """number of adapters"""
-    slots: tuple[tuple[str, int, int], ...] = (("q_proj", 64, 64), ("v_proj", 64, 32))
-    """(module, in_features, out_features) per layer"""
+    modules: tuple[tuple[str, int, int], ...] = (("q_proj", 64, 64), ("v_proj", 64, 32))
+    """(module, in_features, out_features) of the targets in every layer"""
     layers: int = 2
     r: int = 8
     """rank of every adapter"""
@@ -38,7 +38,7 @@ class PlantedSpec:
     seed: int = 0
 
 
-def slot_name(layer: int, module: str) -> str:
+def target_name(layer: int, module: str) -> str:
     parent = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
     return f"base_model.model.model.layers.{layer}.{parent}.{module}"
 
@@ -50,8 +50,8 @@ def planted_factors(spec: PlantedSpec) -> tuple[list[dict], list[dict], list[int
     As: list[dict] = [{} for _ in range(spec.n)]
     Bs: list[dict] = [{} for _ in range(spec.n)]
     for layer in range(spec.layers):
-        for module, d_in, d_out in spec.slots:
-            s = slot_name(layer, module)
+        for module, d_in, d_out in spec.modules:
+            t = target_name(layer, module)
             bases = [
                 (
                     torch.linalg.qr(torch.randn(d_out, spec.shared_rank, generator=g))[0],
@@ -65,7 +65,7 @@ def planted_factors(spec: PlantedSpec) -> tuple[list[dict], list[dict], list[int
                 D = torch.randn(spec.shared_rank, spec.r, generator=g)
                 B = U @ C + spec.noise * torch.randn(d_out, spec.r, generator=g) / d_out**0.5
                 A = D.T @ V.T + spec.noise * torch.randn(spec.r, d_in, generator=g) / d_in**0.5
-                As[i][s], Bs[i][s] = A, B
+                As[i][t], Bs[i][t] = A, B
     return As, Bs, groups
 
 
@@ -77,7 +77,7 @@ def write_planted(
     """Write the planted collection as PEFT directories `out_dir/adapter_0000/...`."""
     out_dir = Path(out_dir)
     As, Bs, groups = planted_factors(spec)
-    modules = sorted({m for m, _, _ in spec.slots})
+    modules = sorted({m for m, _, _ in spec.modules})
     paths = []
     for i in range(spec.n):
         config = {

@@ -7,10 +7,10 @@ computes only its own few tokens; then the same samples with plain majority vote
 
 from __future__ import annotations
 
-from orchestrator import Executor
 from orchestrator.strategies import answer_of, best_of_n, best_of_n_graph, greedy_graph
+from orchestrator.world import world_executor
 
-ex = Executor.for_world()  # the embedded world, served in-process: no download
+ex = world_executor()  # the embedded world, served in-process: no download
 problem = "37*49+12"
 print(f"problem: {problem} (answer {37 * 49 + 12})")
 

@@ -12,7 +12,7 @@ from compression import Bank, CompressConfig, compress, load_collection
 from compression.synthetic import PlantedSpec, write_planted
 
 with tempfile.TemporaryDirectory() as tmp:
-    spec = PlantedSpec(n=200, slots=(("q_proj", 128, 128), ("v_proj", 128, 32)), layers=2, r=8, groups=3, noise=0.02)
+    spec = PlantedSpec(n=200, modules=(("q_proj", 128, 128), ("v_proj", 128, 32)), layers=2, r=8, groups=3, noise=0.02)
     write_planted(f"{tmp}/adapters", spec)
     collection = load_collection([f"{tmp}/adapters"])
 

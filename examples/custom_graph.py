@@ -6,7 +6,8 @@ it, and backtrack (resample) while the verifier rejects it, at most twice.
 
 from __future__ import annotations
 
-from orchestrator import Call, Executor, Generate, Graph, Rewind, Score, State
+from orchestrator import Call, Generate, Graph, Rewind, Score, State
+from orchestrator.world import world_executor
 from skills.tasks import parse_answer
 
 
@@ -30,7 +31,7 @@ g.chain("draft", "read", "verify")
 g.edge("verify", "retry", when=lambda s: s.score < 0.5 or s.answer is None)
 
 print(g.mermaid())
-ex = Executor.for_world()
+ex = world_executor()  # the world's verifier reads the calculator's verdicts: the world wires them
 for problem in ("37*49+12", "12*4+7"):
     run = ex.run(g, problem, seed=1)
     s = run.state

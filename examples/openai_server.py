@@ -18,11 +18,10 @@ from pathlib import Path
 
 from openai import OpenAI
 
-from orchestrator import Executor
 from orchestrator.http_backend import HttpBackend
 from orchestrator.strategies import answer_of, best_of_n_graph
 from orchestrator.tools import calculate
-from skills.world import World
+from orchestrator.world import world_executor
 
 with socket.socket() as s:  # a free port
     s.bind(("127.0.0.1", 0))
@@ -70,9 +69,8 @@ try:
           f"(last request: {r.usage.prompt_tokens} prompt tokens, {r.usage.completion_tokens} generated)")
 
     # the same graph, in-process and over HTTP
-    skills = {s.name: s for s in World.load().skills()}
     problems = ["37*49+12", "58*6+31", "45*6-7"]
-    for name, ex in [("in-process", Executor.for_world()), ("over HTTP", Executor(HttpBackend(url + "/v1"), skills))]:
+    for name, ex in [("in-process", world_executor()), ("over HTTP", world_executor(backend=HttpBackend(url + "/v1")))]:
         runs = ex.run_many(best_of_n_graph(4), problems, seed=0)
         print(f"best-of-4 {name:10s}:", [answer_of(r.state) for r in runs], "expected", [calculate(p) for p in problems])
 finally:

@@ -22,7 +22,7 @@ with tempfile.TemporaryDirectory() as tmp:
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     LlamaForCausalLM(cfg).save_pretrained(f"{tmp}/base")
-    spec = PlantedSpec(n=100, slots=(("q_proj", 64, 64), ("v_proj", 64, 32)), layers=2, r=8, groups=3, noise=0.01,
+    spec = PlantedSpec(n=100, modules=(("q_proj", 64, 64), ("v_proj", 64, 32)), layers=2, r=8, groups=3, noise=0.01,
                        lora_alpha=16)
     write_planted(f"{tmp}/adapters", spec)
     bank = compress(load_collection([f"{tmp}/adapters"]), CompressConfig(method="jd-full", rank=8, clusters=3))

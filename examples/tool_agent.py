@@ -7,10 +7,10 @@ computed by the safe calculator and its result inserted; the base model continue
 
 from __future__ import annotations
 
-from orchestrator import Executor
 from orchestrator.strategies import answer_of, greedy_graph, tool_graph
+from orchestrator.world import world_executor
 
-ex = Executor.for_world()
+ex = world_executor()
 problems = ["37*49+12", "86*73-15", "58*6+31-40"]
 answers = [37 * 49 + 12, 86 * 73 - 15, 58 * 6 + 31 - 40]
 

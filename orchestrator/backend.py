@@ -14,36 +14,22 @@ invocation, the same primitive on every backend (over OpenAI-compatible HTTP, `m
 logprobs=20` on `/v1/completions`). Each result carries token counts: context tokens computed
 (`prefilled`), context tokens whose KV was already there (`reused`: the fork's prefix, or the
 prefix cache) and tokens generated (`decoded`).
+
+Both backends also offer `score(seq, continuation, adapter)`: the log-probability of each token of
+a text after the sequence (`Engine.score`; over HTTP, a completion with `echo`, `max_tokens=0` on a
+server that scores prompts, as kilolora and vLLM do). Graphs do not need it, so it is not part of
+the protocol.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from serving.tokens import Tokens
 
-@dataclass
-class Tokens:
-    """Token accounting of one or more calls."""
-
-    prefilled: int = 0
-    """context tokens computed by a forward"""
-    reused: int = 0
-    """context tokens whose keys/values were already cached (a fork's prefix, the prefix cache)"""
-    decoded: int = 0
-    """tokens generated"""
-
-    def __add__(self, other: Tokens) -> Tokens:
-        return Tokens(self.prefilled + other.prefilled, self.reused + other.reused, self.decoded + other.decoded)
-
-    @property
-    def computed(self) -> int:
-        return self.prefilled + self.decoded
-
-    def as_dict(self) -> dict:
-        return {"prefilled": self.prefilled, "reused": self.reused, "decoded": self.decoded}
+__all__ = ["Backend", "EngineBackend", "GenRequest", "GenResult", "Tokens"]
 
 
 @dataclass
@@ -105,20 +91,10 @@ class Backend(Protocol):
         (the pieces add up to its `GenResult.text`)."""
 
 
-def yes_probability(top: dict[str, float], yes: str, no: str) -> float:
-    """P(yes) renormalised over {yes, no} from a top-logprobs dict; an answer missing from the
-    top list counts as probability 0 (0.5 if both are missing)."""
-    ly, ln = top.get(yes, -math.inf), top.get(no, -math.inf)
-    if ly == ln == -math.inf:
-        return 0.5
-    m = max(ly, ln)
-    py, pn = math.exp(ly - m), math.exp(ln - m)
-    return py / (py + pn)
-
-
 class EngineBackend:
     """The in-process backend: sequences are engine sequences; a batch of requests is submitted at
-    once and stepped together, so branches share engine steps (and forks share KV blocks)."""
+    once and stepped together, so branches share engine steps (and forks share KV blocks). A
+    world's engine: `orchestrator.world.world_backend`."""
 
     name = "engine"
 
@@ -129,21 +105,12 @@ class EngineBackend:
         self.tokenizer = engine.tokenizer
         self._reserved = None
 
-    @classmethod
-    def from_world(cls, world=None, **engine_kw) -> EngineBackend:
-        """The embedded default world (or `world`) served in-process."""
-        from skills.world import World
-
-        world = world if world is not None else World.load()
-        engine_kw.setdefault("kv_cache_tokens", 1 << 17)
-        return cls(world.engine(**engine_kw))
-
     def chat_prompt(self, messages: str | list[dict]) -> str:
         """The chat template's prompt; messages holding special tokens (or, outside assistant text,
         tool markup) are refused with ValueError, as the server refuses them."""
         msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
         if self._reserved is None:
-            from serving.tool_calls import Reserved
+            from serving.openai.tool_formats import Reserved
 
             self._reserved = Reserved(self.tokenizer)
         self._reserved.check(msgs)
@@ -169,6 +136,11 @@ class EngineBackend:
 
     def close(self, seq: int) -> None:
         self.engine.close(seq)
+
+    def score(self, seq: int, continuation: str, adapter: str | None = None) -> list[float]:
+        """log p(each token of `continuation` | the sequence, the tokens before it) under `adapter`
+        (None: the base); the sequence is left as it is."""
+        return self.engine.score(seq, continuation, adapter)
 
     def generate(self, requests: Sequence[GenRequest], on_text: Callable[[int, str], None] | None = None
                  ) -> list[GenResult]:

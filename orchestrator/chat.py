@@ -17,15 +17,16 @@ Each turn's `Route` says which, and why, in one line (`note`), before the answer
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from skills.tasks import TEMPLATES, Transform
 
 from .backend import Backend
-from .executor import Executor, Run
+from .executor import Evidence, Executor, Run
 from .strategies import chat_graph
+from .tools import ToolSpec
 
 # ------------------------------------------------------------------------------ reading messages
 
@@ -115,11 +116,14 @@ class Route:
 
 
 class ChatSession:
-    """Turns of a conversation on `backend` with a world's skills (see the module docstring)."""
+    """Turns of a conversation on `backend` with a world's skills (see the module docstring); its
+    executor runs them with `toolbox` (the calculator) and `evidence` (what the verifier reads).
+    A world's session: `orchestrator.world.world_chat`."""
 
     def __init__(self, backend: Backend, skills: dict, adapters: list[str], *, tools: bool = True,
                  verify: bool = True, seed: int = 0, turns: int | None = None, on_event: Callable[[dict], None] | None = None,
-                 on_text: Callable[[dict], None] | None = None):
+                 on_text: Callable[[dict], None] | None = None, toolbox: Sequence[ToolSpec] = (),
+                 evidence: Mapping[str, Evidence] | None = None):
         self.backend = backend
         self.skills = skills
         self.available = set(adapters)
@@ -136,38 +140,13 @@ class ChatSession:
         self.route: Route | None = None
         """how the last message was read and answered"""
         self.on_event = on_event
-        self.executor = Executor(backend, skills, on_event=on_event, on_text=on_text)
+        self.executor = Executor(backend, skills, tools=toolbox, on_event=on_event, on_text=on_text,
+                                 evidence=evidence)
         served = [s for s in skills.values() if s.task and s.adapter in self.available]
         self.task_adapters = {s.task: s.adapter for s in served if s.role == "task"}
         """transformation instruction (`shift 3`) -> the task adapter that performs it"""
         self.task_checkers = {s.task: s.name for s in served if s.role == "verifier"}
         """transformation instruction -> its per-task verifier skill (`check-<task>`)"""
-
-    @classmethod
-    def for_world(cls, world=None, url: str | None = None, **kw) -> ChatSession:
-        """In-process on the world's engine, or against the server at `url` serving that world."""
-        from skills.world import World
-
-        world = world if world is not None else World.load()
-        skills = {s.name: s for s in world.skills()}
-        if url is None:
-            from .backend import EngineBackend
-
-            backend = EngineBackend.from_world(world)
-            adapters = backend.engine.adapters
-        else:
-            from .http_backend import HttpBackend, ServerError
-
-            backend = HttpBackend(url)
-            try:
-                adapters = backend.models()
-            except ServerError as err:
-                raise ValueError(str(err)) from None
-            missing = [s.adapter for s in skills.values() if s.role != "task" and s.adapter not in adapters]
-            if missing:
-                raise ValueError(f"the server at {url} does not serve the world's skills {missing}; start it with "
-                                 f"`kilolora serve` on the same world")
-        return cls(backend, skills, adapters, **kw)
 
     def set_adapter(self, name: str) -> None:
         """The adapter that writes the answer from the next turn on (`base` for the base model)."""

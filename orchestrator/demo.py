@@ -32,10 +32,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from skills.spec import yes_probability
 from skills.tasks import Problem, Transform, parse_answer, problems
 
 from . import strategies as st
-from .backend import GenRequest, yes_probability
+from .backend import GenRequest
 from .executor import Executor
 from .graph import Graph, State
 
@@ -113,6 +114,8 @@ def run_demo(world=None, n_problems: int = 200, n: int = 8, seed: int = 0, names
     say("loading the world")
     from skills.world import World
 
+    from .world import world_backend, world_executor
+
     world = world if world is not None else World.load()
     live_full = bank and url is None and world.has_uncompressed()
     # about 512 live branches at once (64 problems at n = 8): enough to fill the engine's batches,
@@ -123,10 +126,8 @@ def run_demo(world=None, n_problems: int = 200, n: int = 8, seed: int = 0, names
 
         backend = HttpBackend(url)
     elif live_full:  # the original task adapters beside the bank, as `full/<task>`
-        from .backend import EngineBackend
-
-        backend = EngineBackend.from_world(world, uncompressed=True)
-    ex = Executor.for_world(world, backend, max_runs=max(1, 512 // max(n, 8)))
+        backend = world_backend(world, uncompressed=True)
+    ex = world_executor(world, backend, max_runs=max(1, 512 // max(n, 8)))
     probs = problems(n_problems, seed + 101, "test")  # the held-out split `kilolora world eval` uses
     report: dict = {"problems": n_problems, "n": n, "seed": seed, "backend": url or "in-process", "strategies": {}}
     example = None
@@ -254,7 +255,8 @@ def serve_requests(backend, skills: dict, reqs: Sequence[BankRequest],
         if r.role == "task":
             out.append((x.text, x.text == r.want))
         else:
-            p = yes_probability(x.top_logprobs[0], skills[r.entry].yes, skills[r.entry].no)
+            top = x.top_logprobs[0]
+            p = yes_probability(top.get(skills[r.entry].yes, -math.inf), top.get(skills[r.entry].no, -math.inf))
             out.append((p, (p > 0.5) == r.want))
     return out
 
@@ -351,7 +353,8 @@ def verified_runs(ex: Executor, world, entries: Sequence[str] | None = None, n: 
     if not cases:
         return None
     states = [s for s, _ in cases]
-    runner = Executor(ex.backend, ex.skills, max_runs=max(1, 1024 // n))  # about 1024 live branches
+    runner = Executor(ex.backend, ex.skills, ex.tools, max_runs=max(1, 1024 // n),  # about 1024 live branches
+                      evidence=ex.evidence)
     bon = st.best_of_n_graph(n, generator=lambda s: s.task, verifier=lambda s: judge[s.task], aggregate="max",
                              max_tokens=TASK_TOKENS, state=TaskState)
     t0 = time.perf_counter()

@@ -3,7 +3,9 @@
 Each round, every branch runs its node until the node asks the backend for generation; the
 requests of all branches (of all runs given to `run_many`) go to the backend in one call, so
 branches and problems share engine steps. Forks share the sequence's KV blocks; joins wait for
-their group; rewinds restore the sequence and the state recorded when a node was entered.
+their group; rewinds restore the sequence and the state recorded when a node was entered. The
+executor holds only its configuration; a `run_many` call's queue, branches and traces live in its
+own `_Runs`, so calls may nest or repeat and leave nothing behind.
 
 Seeds: every request's seed is a function of the run's seed, the branch's path (fork child
 indices), the node and how many times the branch entered it, so the same seed replays the same
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import Backend, GenRequest, GenResult, Tokens
 from .graph import END, Fork, Graph, GraphError, Join, Rewind, State
+from .tools import ToolSpec
 from .trace import Trace
 
 
@@ -67,11 +70,12 @@ class Run:
 
 
 class Ctx:
-    """What a node sees: the branch's state and sequence, the backend, skills and tools."""
+    """What a node sees: the branch's state and sequence, the backend, skills, tools and evidence."""
 
-    def __init__(self, ex: Executor, br: Branch):
-        self.ex, self.br = ex, br
-        self.backend = ex.backend
+    def __init__(self, runs: _Runs, br: Branch):
+        self.runs, self.br = runs, br
+        self.ex = runs.ex
+        self.backend = runs.ex.backend
 
     @property
     def state(self) -> State:
@@ -86,15 +90,26 @@ class Ctx:
             raise GraphError(f"no skill {name!r}; this executor knows {sorted(self.ex.skills)}")
         return self.ex.skills[name]
 
-    def tool(self, name: str) -> Callable:
+    def tool(self, name: str) -> ToolSpec:
         if name not in self.ex.tools:
             raise GraphError(f"no tool {name!r}; this executor knows {sorted(self.ex.tools)}")
         return self.ex.tools[name]
 
+    def evidence(self, skill: str) -> str:
+        """What skill `skill` reads after its invocation: the executor's evidence function for the
+        kind it names (`skill.evidence`), or nothing if it names none."""
+        kind = getattr(self.skill(skill), "evidence", None)
+        if not kind:
+            return ""
+        if kind not in self.ex.evidence:
+            raise GraphError(f"skill {skill!r} reads {kind!r} evidence, and this executor has no function for it "
+                             f"(it has {sorted(self.ex.evidence)}); pass evidence={{{kind!r}: fn}} to Executor")
+        return self.ex.evidence[kind](self)
+
     def seed(self) -> int:
         br = self.br
         br.node_seeds += 1
-        key = f"{self.ex.seeds[br.run]}|{br.id}|{br.node}|{br.visits[br.node]}|{br.node_seeds}"
+        key = f"{self.runs.seeds[br.run]}|{br.id}|{br.node}|{br.visits[br.node]}|{br.node_seeds}"
         return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 2
 
     def count(self, tokens: Tokens) -> None:
@@ -116,21 +131,32 @@ class Ctx:
         setattr(self.state, name, value)
 
     def emit(self, event: str, **data) -> None:
-        self.ex.emit(self.br.run, event, branch=self.br.id, node=self.br.node, **data)
+        self.runs.emit(self.br.run, event, branch=self.br.id, node=self.br.node, **data)
+
+
+Evidence = Callable[[Ctx], str]
+"""what a skill reads after its invocation, computed for a node's branch (it may run tools and
+emit their events); `Executor(evidence={kind: fn})` serves skills whose `evidence` is `kind`"""
 
 
 class Executor:
-    """Runs graphs on a backend with the given skills (name -> `skills.spec.Skill`) and tools
-    (name -> callable returning a `tools.ToolResult`)."""
+    """Runs graphs on a backend with the given skills (name -> `skills.spec.Skill`), tools
+    (`tools.ToolSpec`s, or name -> ToolSpec) and evidence functions (kind -> `Evidence`). It
+    holds only this configuration: each `run_many` call keeps its state in its own `_Runs`, so
+    calls may repeat or nest (a `Call` node's function may run another graph)."""
 
-    def __init__(self, backend: Backend, skills: dict | None = None, tools: dict[str, Callable] | None = None,
-                 max_steps: int = 200, on_event: Callable[[dict], None] | None = None, max_runs: int = 64,
-                 on_text: Callable[[dict], None] | None = None):
-        from .tools import calculator
-
+    def __init__(self, backend: Backend, skills: dict | None = None,
+                 tools: Iterable[ToolSpec] | Mapping[str, ToolSpec] | None = None, max_steps: int = 200,
+                 on_event: Callable[[dict], None] | None = None, max_runs: int = 64,
+                 on_text: Callable[[dict], None] | None = None, evidence: Mapping[str, Evidence] | None = None):
         self.backend = backend
         self.skills = dict(skills) if skills is not None else {}
-        self.tools = dict(tools) if tools is not None else {"calculator": calculator}
+        self.tools = _tool_map(tools)
+        self.evidence = dict(evidence) if evidence is not None else {}
+        bad = [k for k, fn in self.evidence.items() if not callable(fn)]
+        if bad:
+            raise TypeError(f"evidence must map a kind to a function of the node context; {bad[0]!r} maps to "
+                            f"{self.evidence[bad[0]]!r}")
         if not isinstance(max_steps, int) or max_steps < 1:
             raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
         if not isinstance(max_runs, int) or max_runs < 1:
@@ -142,18 +168,6 @@ class Executor:
         self.on_text = on_text
         """streamed model output: {run, branch, node, adapter, text} per piece (not kept in traces)"""
 
-    @classmethod
-    def for_world(cls, world=None, backend: Backend | None = None, **kw) -> Executor:
-        """An executor with a world's skills, on its in-process engine unless `backend` is given."""
-        from skills.world import World
-
-        from .backend import EngineBackend
-
-        world = world if world is not None else World.load()
-        backend = backend if backend is not None else EngineBackend.from_world(world)
-        return cls(backend, {s.name: s for s in world.skills()}, **kw)
-
-    # ------------------------------------------------------------------ running
     def run(self, graph: Graph, prompt: str | State, seed: int = 0) -> Run:
         return self.run_many(graph, [prompt], seed=seed)[0]
 
@@ -161,28 +175,56 @@ class Executor:
         """Run `graph` once per prompt (a user message, or an initial state whose `prompt` is the
         message), all together; run i is seeded with `seed + i`."""
         graph.validate()
-        self.graph = graph
-        self.rewind_targets = {n.to for _, n in graph.g.nodes(data="node") if isinstance(n, Rewind)}
-        self.t0 = time.perf_counter()
-        self.traces = [Trace(graph.name) for _ in prompts]
-        self.seeds = [seed + i for i in range(len(prompts))]
-        self.branches: list[Branch] = []
-        self.finished: list[list[Branch]] = [[] for _ in prompts]
-        self.group_ids = 0
         states = [p.model_copy(deep=True) if isinstance(p, State) else graph.state(prompt=p) for p in prompts]
         for st in states:
             if not isinstance(st, graph.state):
                 raise TypeError(f"initial state must be a {graph.state.__name__}, got {type(st).__name__}")
-        self.queue = list(enumerate(states))
+        return _Runs(self, graph, states, seed).execute()
+
+
+def _tool_map(tools: Iterable[ToolSpec] | Mapping[str, ToolSpec] | None) -> dict[str, ToolSpec]:
+    if tools is None:
+        return {}
+    items = list(tools.items()) if isinstance(tools, Mapping) else [(getattr(t, "name", None), t) for t in tools]
+    for name, t in items:
+        if not isinstance(t, ToolSpec):
+            raise TypeError(f"tool {name!r} must be a tools.ToolSpec (name, find, run, insertion), got {t!r}; "
+                            f"wrap a function of one string as tools.MarkupTool(name, fn, open, close)")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tool names must be non-empty strings, got {name!r}")
+    return dict(items)
+
+
+class _Runs:
+    """The state of one `run_many` call: its graph, queue, live branches, traces and seeds."""
+
+    def __init__(self, ex: Executor, graph: Graph, states: list[State], seed: int):
+        self.ex = ex
+        self.backend = ex.backend
+        self.graph = graph
+        self.rewind_targets = {n.to for _, n in graph.g.nodes(data="node") if isinstance(n, Rewind)}
+        """nodes some Rewind goes back to (their entry sets `state.retry`)"""
+        self.t0 = time.perf_counter()
+        self.traces = [Trace(graph.name) for _ in states]
+        self.seeds = [seed + i for i in range(len(states))]
+        self.queue: list[tuple[int, State]] = list(enumerate(states))
+        """runs not started yet (at most `max_runs` are live)"""
         self.active: set[int] = set()
+        """runs started and not ended"""
+        self.branches: list[Branch] = []
+        """live branches of every run"""
+        self.finished: list[list[Branch]] = [[] for _ in states]
+        """per run, the branches that reached the end outside any fork group"""
+        self.group_ids = 0
+
+    def execute(self) -> list[Run]:
         try:
             self._loop()
         finally:
             for br in self.branches:
                 self.backend.close(br.seq)
         runs = []
-        for i in range(len(prompts)):
-            done = self.finished[i]
+        for i, done in enumerate(self.finished):
             if len(done) != 1:
                 raise GraphError(f"run {i} ended with {len(done)} branches; a graph with Fork needs a Join "
                                  f"before its end")
@@ -194,13 +236,13 @@ class Executor:
     def emit(self, run: int, event: str, **data) -> None:
         ev = {"event": event, "run": run, **data, "t": round(time.perf_counter() - self.t0, 6)}
         self.traces[run].events.append(ev)
-        if self.on_event is not None:
-            self.on_event(ev)
+        if self.ex.on_event is not None:
+            self.ex.on_event(ev)
 
     # ------------------------------------------------------------------ the loop
     def _admit(self) -> None:
         """Start queued runs while fewer than `max_runs` are live (bounds the KV cache in use)."""
-        while self.queue and len(self.active) < self.max_runs:
+        while self.queue and len(self.active) < self.ex.max_runs:
             i, state = self.queue.pop(0)
             msgs = [*state.history, {"role": "user", "content": state.prompt}] if state.history else state.prompt
             seq = self.backend.open(self.backend.chat_prompt(msgs))
@@ -229,7 +271,7 @@ class Executor:
                 continue  # every live run ended this round: admit queued ones, or stop
             reqs = [r for b in waiting for r in b.pending]
             t = time.perf_counter()
-            results = self.backend.generate(reqs, self._streamer(waiting)) if self.on_text is not None \
+            results = self.backend.generate(reqs, self._streamer(waiting)) if self.ex.on_text is not None \
                 else self.backend.generate(reqs)
             # the round's backend time, shared out by tokens computed (exact for a round of one kind)
             ms = (time.perf_counter() - t) * 1e3
@@ -246,13 +288,12 @@ class Executor:
     def _streamer(self, waiting: list[Branch]) -> Callable[[int, str], None]:
         owners = [(b, r) for b in waiting for r in b.pending]
 
-        def on_text(i: int, text: str) -> None:
+        def stream(i: int, text: str) -> None:
             b, r = owners[i]
-            self.on_text({"run": b.run, "branch": b.id, "node": b.node, "kind": self.graph.node(b.node).kind,
-                          "adapter": r.adapter or "base", "text": text})
+            self.ex.on_text({"run": b.run, "branch": b.id, "node": b.node, "kind": self.graph.node(b.node).kind,
+                     "adapter": r.adapter or "base", "text": text})
 
-        return on_text
-
+        return stream
     def _at_join(self, br: Branch) -> bool:
         return br.gen is None and isinstance(self.graph.node(br.node), Join)
 
@@ -285,8 +326,8 @@ class Executor:
             self._finish(br)
             return
         br.steps += 1
-        if br.steps > self.max_steps:
-            raise GraphError(f"run {br.run}: step limit {self.max_steps} reached at node {name!r} (branch {br.id}); "
+        if br.steps > self.ex.max_steps:
+            raise GraphError(f"run {br.run}: step limit {self.ex.max_steps} reached at node {name!r} (branch {br.id}); "
                              f"a cycle with no exit? add a condition or raise max_steps")
         br.node = name
         br.visits[name] = br.visits.get(name, 0) + 1

@@ -16,9 +16,11 @@ graph that never leaves one. Node kinds:
 
 - `Generate`: the model (base or an adapter) continues the sequence;
 - `Score`: a yes/no skill (verifier, step checker) judges the sequence, on a fork: the sequence
-  is unchanged, and an activated skill costs only its invocation tokens;
+  is unchanged, and an activated skill costs only its invocation tokens (and any evidence it
+  reads after them);
 - `Ask`: a text skill (tool selector) answers on a fork, into a state field;
-- `Tool`: run a tool call found in a state field and insert the call and its result;
+- `Tool`: run a call of a named tool (`tools.ToolSpec`) found in a state field and insert the call
+  and its result;
 - `Append`: put text into the sequence (a separator, an instruction);
 - `Call`: plain Python on the state;
 - `Fork` / `Join`: split into n branches sharing the prompt's KV cache, and later keep the best
@@ -31,6 +33,7 @@ requests of every live branch and runs them in one backend call, so branches sha
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +42,9 @@ from typing import TYPE_CHECKING, Any
 import networkx as nx
 from pydantic import BaseModel, ConfigDict
 
-from .backend import GenRequest, yes_probability
+from skills.spec import yes_probability
+
+from .backend import GenRequest
 
 if TYPE_CHECKING:
     from .executor import Ctx
@@ -122,8 +127,8 @@ class Score(Node):
     """P(yes) of a yes/no skill after the sequence, into `into`; the sequence is unchanged. The
     skill is a name, or a function of the state (`lambda s: "check-" + s.task`: each branch is
     judged by its own task's verifier). A skill that reads evidence after its invocation gets it
-    from `evidence(state)`, or, for `evidence="calculator"` skills, from the calculator tool run
-    on every claim of the text."""
+    from `evidence(state)`, or else from the executor's evidence function for the kind the skill
+    names (`skill.evidence`; `Executor(evidence={kind: fn})`)."""
 
     skill: str | Callable[[State], str] = "verifier"
     into: str = "score"
@@ -140,12 +145,7 @@ class Score(Node):
             raise GraphError(f"node {ctx.br.node!r}: the Score skill function returned {name!r}; "
                              f"it must return a skill name")
         skill = ctx.skill(name)
-        if self.evidence is not None:
-            evidence = self.evidence(ctx.state)
-        elif getattr(skill, "evidence", None) == "calculator":
-            evidence = calculator_evidence(ctx, ctx.state.text)
-        else:
-            evidence = ""
+        evidence = self.evidence(ctx.state) if self.evidence is not None else ctx.evidence(name)
         (f,) = ctx.backend.fork(ctx.seq, 1)
         try:
             ctx.backend.extend(f, skill.suffix + evidence)
@@ -154,28 +154,14 @@ class Score(Node):
         finally:
             ctx.backend.close(f)
         ctx.count(res.tokens)
-        p = yes_probability(res.top_logprobs[0], skill.yes, skill.no)
+        top = res.top_logprobs[0]  # an answer missing from the top list has probability ~0
+        p = yes_probability(top.get(skill.yes, -math.inf), top.get(skill.no, -math.inf))
         ctx.emit("score", skill=name, value=round(p, 6))
         ctx.note(score=round(p, 6))
         ctx.put(self.into, p)
 
     def label(self) -> str:
         return f"score [{self.skill if not callable(self.skill) else 'f(state)'}]"
-
-
-def calculator_evidence(ctx: Ctx, text: str) -> str:
-    """Run the calculator on every claim `a op b = c` of `text`; the evidence string a
-    calculator-checked skill reads (`skills.data.evidence`)."""
-    from skills.data import evidence
-    from skills.tasks import claims
-
-    found = claims(text)
-    results = [ctx.tool("calculator")(expr) for expr, _ in found]
-    if found:
-        ctx.emit("tool", tool="calculator", purpose="evidence", input="; ".join(e for e, _ in found),
-                 output="; ".join(r.output for r in results), ok=all(r.ok for r in results),
-                 ms=round(sum(r.seconds for r in results) * 1e3, 3))
-    return evidence([(e, claimed, r.output if r.ok else "error") for (e, claimed), r in zip(found, results)])
 
 
 @dataclass
@@ -205,21 +191,25 @@ class Ask(Node):
 
 @dataclass
 class Tool(Node):
-    """If `state.<call>` holds `{open}input{close}`, run the tool on `input` and insert
-    `{open}input{close}` and the tool's insertion (`=1813`, or an error marker) into the sequence."""
+    """If `state.<call>` holds a call of the executor's tool named `tool` (`tools.ToolSpec.find`),
+    run it and insert the call and its result (`ToolSpec.insertion`) into the sequence; the
+    field `call` is then cleared (unless it is `last`, which gets the inserted text)."""
 
-    tool: str = "calculator"
+    tool: str = ""
     call: str = "last"
-    open: str = "[CALC]"
-    close: str = "[/CALC]"
     kind = "tool"
 
+    def __post_init__(self):
+        if not isinstance(self.tool, str) or not self.tool:
+            raise TypeError(f"Tool: name the executor's tool to call, e.g. Tool('search'), got {self.tool!r}")
+
     def run(self, ctx: Ctx):
-        m = re.search(re.escape(self.open) + r"(.*?)" + re.escape(self.close), getattr(ctx.state, self.call), re.S)
-        if m is None:
+        tool = ctx.tool(self.tool)
+        found = tool.find(getattr(ctx.state, self.call))
+        if found is None:
             return
-        res = ctx.tool(self.tool)(m.group(1).strip())
-        inserted = f"{self.open}{m.group(1)}{self.close}{res.insertion}"
+        res = tool.run(found)
+        inserted = tool.insertion(found, res)
         ctx.backend.extend(ctx.seq, inserted)
         ctx.emit("tool", tool=self.tool, input=res.input, output=res.output, ok=res.ok,
                  ms=round(res.seconds * 1e3, 3))

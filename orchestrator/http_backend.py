@@ -23,6 +23,10 @@ What degrades over plain HTTP, and how much:
   byte-level model that is exact, for BPE models a boundary can tokenize differently.
 - Chat prompts are rendered by the server's `/tokenize` endpoint (kilolora, vLLM); elsewhere
   pass `chat_template` (a Jinja template, rendered here).
+- `score`: the text and the continuation are tokenized apart by the server (`/tokenize`, as
+  `Engine.score` tokenizes a continuation on its own), and their tokens are sent as one prompt
+  with `echo`, `max_tokens=0`, `logprobs=0`: the continuation's `token_logprobs` are the score.
+  It needs a server that scores prompts (kilolora, vLLM).
 """
 
 from __future__ import annotations
@@ -127,6 +131,27 @@ class HttpBackend:
 
     def close(self, seq: int) -> None:
         self._seqs.pop(seq, None)
+
+    def score(self, seq: int, continuation: str, adapter: str | None = None) -> list[float]:
+        """log p(each token of `continuation` | the sequence's text, the tokens before it) under
+        `adapter` (None: the base), from the server's echoed prompt logprobs (module docstring)."""
+        ctx, cont = self._tokenize(self._text(seq)), self._tokenize(continuation)
+        if not ctx:
+            raise ValueError("score needs a non-empty context")
+        if not cont:
+            raise ValueError("score needs at least one continuation token")
+        out = _call(self.client.completions.create, model=adapter or self.model, prompt=ctx + cont, echo=True,
+                    max_tokens=0, logprobs=0)
+        lp = out.choices[0].logprobs
+        scores = lp.token_logprobs if lp is not None else None
+        if scores is None or len(scores) != len(ctx) + len(cont):
+            raise ServerError("the server did not score the prompt (it needs completions' echo with logprobs)")
+        return scores[len(ctx):]
+
+    def _tokenize(self, text: str) -> list[int]:
+        r = _call(self.client.post, f"{self.root}/tokenize", cast_to=dict,
+                  body={"model": self.model, "prompt": text, "add_special_tokens": False})
+        return r["tokens"]
 
     # ------------------------------------------------------------ generation
     def generate(self, requests: Sequence[GenRequest], on_text: OnText | None = None) -> list[GenResult]:

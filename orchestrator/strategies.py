@@ -86,7 +86,7 @@ def _tool_steps(g: Graph, selector: str, first: str, after_step: str, max_step_t
                 temperature=0.0, adapter=None) -> None:
     """select -> tool -> step, then `after_step`; entry at `first`."""
     g.add(first, Ask(selector, into="call"))
-    g.add("tool", Tool(call="call"))
+    g.add("tool", Tool("calculator", call="call"))
     g.add("step", Generate(adapter=adapter, stop=STEP_STOP, max_tokens=max_step_tokens, temperature=temperature))
     g.add("space", Append(" "))
     g.chain(first, "tool", "step")
@@ -189,10 +189,11 @@ def beam_search_graph(beams: int = 3, expand: int = 3, checker: str = "self_eval
 
 def best_of_n(problems: str | Sequence[str], n: int = 8, generator: str | None = None, verifier: str = "verifier",
               aggregate: str = "max", executor=None, seed: int = 0, **kw):
-    """Verifier-guided best-of-n on one problem (a Run) or several (a list of Runs, run together)."""
-    from .executor import Executor
+    """Verifier-guided best-of-n on one problem (a Run) or several (a list of Runs, run together);
+    `executor` defaults to the embedded world's, in-process."""
+    from .world import world_executor
 
-    executor = executor if executor is not None else Executor.for_world()
+    executor = executor if executor is not None else world_executor()
     g = best_of_n_graph(n, generator, verifier, aggregate, **kw)
     runs = executor.run_many(g, [problems] if isinstance(problems, str) else list(problems), seed=seed)
     return runs[0] if isinstance(problems, str) else runs

@@ -1,7 +1,19 @@
-"""The orchestrator's calculator tool: exact arithmetic on untrusted model output.
+"""Tools the orchestrator calls mid-generation: the `ToolSpec` protocol, its two call formats, and
+the safe calculator.
 
-A small model writes ``[CALC]37*49[/CALC]``; the orchestrator hands the text between the markers
-to `calculator` and inserts ``=1813`` after the closing marker. That text is untrusted, so it is
+A tool is a name, a way its calls are written in model text, and a function (`ToolSpec`):
+
+- `MarkupTool`: one string argument between two markers, the result inserted right after the
+  closing one (``[CALC]37*49[/CALC]`` then ``=1813``; the default world's format, which
+  `orchestrator.world` wires up);
+- `JsonTool`: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (Hermes, Qwen2.5 and
+  most tool-tuned chat models), the result inserted after it in ``<tool_response>`` tags.
+
+The graph's `Tool` node finds a call with `find`, runs it with `run` and inserts
+`insertion(call, result)`; any object with those three methods and a `name` is a tool.
+
+The calculator: a small model writes ``[CALC]37*49[/CALC]``; the text between the markers goes
+to `calculator`, and ``=1813`` is inserted after the closing marker. That text is untrusted, so it is
 never run as Python: it is parsed with ``ast.parse(mode="eval")`` and walked against an
 allow-list (number literals, ``+ - * / **``, unary signs, parentheses). Size is bounded before
 parsing (length, bracket depth), the tree is bounded (nodes, depth), each power is bounded before
@@ -12,11 +24,15 @@ deadline backs it all up. Arithmetic is exact (`fractions.Fraction`): ``0.1+0.2`
 from __future__ import annotations
 
 import ast
+import json
 import math
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from decimal import Decimal, localcontext
 from fractions import Fraction
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -203,7 +219,7 @@ class ToolResult:
     name: str
     """The tool's name, e.g. "calculator"."""
     input: str
-    """The text the model wrote between the markers."""
+    """The call's argument text: what the model wrote between the markers, or the JSON arguments."""
     ok: bool
     """Whether the tool produced a value."""
     output: str
@@ -213,8 +229,132 @@ class ToolResult:
 
     @property
     def insertion(self) -> str:
-        """The text inserted after ``[/CALC]`` in the model's context."""
-        return "=" + self.output if self.ok else "=[error: " + self.output + "]"
+        """The result as a `MarkupTool` with the default `=` prefix inserts it after the call."""
+        return _marked(self, "=")
+
+
+def _marked(result: ToolResult, prefix: str) -> str:
+    return prefix + result.output if result.ok else prefix + "[error: " + result.output + "]"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call of a tool, found in model text."""
+
+    tool: str
+    """the tool's name"""
+    arguments: Any
+    """what the function receives: the text between the markers (stripped) for a `MarkupTool`,
+    the parsed JSON arguments (a dict, or the raw text when it is not a JSON object) for a `JsonTool`"""
+    written: str
+    """the call as the model wrote it, inserted back into the sequence before the result"""
+
+
+@runtime_checkable
+class ToolSpec(Protocol):
+    """A tool the graph's `Tool` node can call (see the module docstring)."""
+
+    name: str
+
+    def find(self, text: str) -> ToolCall | None:
+        """The first call of this tool written in `text`, or None."""
+
+    def run(self, call: ToolCall) -> ToolResult:
+        """Run the call; bad input is reported in the result (`ok=False`), not raised."""
+
+    def insertion(self, call: ToolCall, result: ToolResult) -> str:
+        """The text put into the sequence: the call as written, then its result."""
+
+
+def _timed(name: str, shown: str, fn: Callable, *args, **kw) -> ToolResult:
+    """Run a tool function: a `ToolResult` is kept as it is, any other value becomes the output;
+    a ValueError or TypeError (bad arguments) becomes an error result."""
+    start = time.perf_counter()
+    try:
+        value = fn(*args, **kw)
+    except (ValueError, TypeError) as e:
+        return ToolResult(name, shown, False, str(e), time.perf_counter() - start)
+    if isinstance(value, ToolResult):
+        return value
+    return ToolResult(name, shown, True, str(value), time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class MarkupTool:
+    """A function of one string argument, called as `{open}argument{close}` in the text; the
+    result goes right after the call: `{result_prefix}value`, or `{result_prefix}[error: message]`."""
+
+    name: str
+    fn: Callable[[str], Any]
+    """argument text -> a `ToolResult`, or a value (str() is inserted)"""
+    open: str
+    close: str
+    result_prefix: str = "="
+
+    def __post_init__(self):
+        for f in ("name", "open", "close"):
+            if not isinstance(getattr(self, f), str) or not getattr(self, f):
+                raise ValueError(f"MarkupTool.{f} must be a non-empty string, got {getattr(self, f)!r}")
+        if not callable(self.fn):
+            raise TypeError(f"MarkupTool {self.name!r}: fn must be callable, got {self.fn!r}")
+
+    def find(self, text: str) -> ToolCall | None:
+        m = re.search(re.escape(self.open) + r"(.*?)" + re.escape(self.close), text, re.S)
+        return ToolCall(self.name, m.group(1).strip(), m.group(0)) if m else None
+
+    def run(self, call: ToolCall) -> ToolResult:
+        return _timed(self.name, call.arguments, self.fn, call.arguments)
+
+    def insertion(self, call: ToolCall, result: ToolResult) -> str:
+        return call.written + _marked(result, self.result_prefix)
+
+
+@dataclass(frozen=True)
+class JsonTool:
+    """A function of keyword arguments, called as `{open}{"name": NAME, "arguments": {...}}{close}`
+    (Hermes-style); the result goes after the call as `result.format(output=...)`, an error as
+    `result.format(output="error: " + message)`."""
+
+    name: str
+    fn: Callable[..., Any]
+    """keyword arguments -> a `ToolResult`, or a value (str() is inserted)"""
+    open: str = "<tool_call>"
+    close: str = "</tool_call>"
+    result: str = "<tool_response>{output}</tool_response>"
+
+    def __post_init__(self):
+        for f in ("name", "open", "close"):
+            if not isinstance(getattr(self, f), str) or not getattr(self, f):
+                raise ValueError(f"JsonTool.{f} must be a non-empty string, got {getattr(self, f)!r}")
+        if not callable(self.fn):
+            raise TypeError(f"JsonTool {self.name!r}: fn must be callable, got {self.fn!r}")
+
+    def find(self, text: str) -> ToolCall | None:
+        """The first call block that names this tool (a block that is not JSON is nobody's call)."""
+        for m in re.finditer(re.escape(self.open) + r"(.*?)" + re.escape(self.close), text, re.S):
+            try:
+                body = json.loads(m.group(1))
+            except ValueError:
+                continue
+            if isinstance(body, dict) and body.get("name") == self.name:
+                args = body.get("arguments", {})
+                if isinstance(args, str):  # OpenAI sends arguments as JSON text
+                    try:
+                        args = json.loads(args)
+                    except ValueError:
+                        pass
+                return ToolCall(self.name, args, m.group(0))
+        return None
+
+    def run(self, call: ToolCall) -> ToolResult:
+        args = call.arguments
+        shown = json.dumps(args) if isinstance(args, dict) else str(args)
+        if not isinstance(args, dict):
+            return ToolResult(self.name, shown, False, f"arguments must be a JSON object, got {shown[:40]!r}", 0.0)
+        return _timed(self.name, shown, self.fn, **args)
+
+    def insertion(self, call: ToolCall, result: ToolResult) -> str:
+        return call.written + self.result.format(output=result.output if result.ok else "error: " + result.output)
 
 
 def calculator(expr: str, limits: CalcLimits | None = None) -> ToolResult:

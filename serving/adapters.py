@@ -1,14 +1,16 @@
 """The adapter registry: dense PEFT adapters and bank entries side by side, chosen per token.
 
 Every adapter gets a uid that is never reused (the KV cache keys blocks by uid, so a reloaded name
-can never hit a stale block). Dense adapters live as zero-padded stacks per slot
-(`lora_A` (cap, r, d_in), `lora_B` (cap, d_out, r), scaling folded in); bank entries point at a
-cluster's shared basis and their own core (`U_k Σ_i V_kᵀ`, Brüel-Gabrielsson et al., ICML 2025).
+can never hit a stale block). Dense adapters live as zero-padded stacks per target module
+(`lora_A` (cap, r, d_in), `lora_B` (cap, d_out, r), scaling folded in; an adapter is one row of
+them); bank entries point at a cluster's shared basis and their own core (`U_k Σ_i V_kᵀ`,
+Brüel-Gabrielsson et al., ICML 2025).
 
 A padded stack costs `cap · r` rows however small most adapters are, so one high-rank adapter
-would multiply the memory of every slot: `max_lora_rank` refuses it up front (vLLM's name), and
+would multiply the memory of every target: `max_lora_rank` refuses it up front (vLLM's name), and
 unloading shrinks the stacks back to what the resident adapters need (see `AdapterRegistry`).
-`LoraBatch` is built once per forward from the tokens' uids and is the model's `LoraHook`.
+A `LoraBatch` (`lora_batch.py`) is built once per forward from the tokens' uids over the
+registry's `lora_tensors()` and is the model's `LoraHook`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from compression.bank import Bank
 from compression.peft_io import LoraAdapter, load_adapter, module_name
 
 from .config import ModelConfig
-from .kernels import bank_lora, dense_lora, group_by_cluster
-from .kernels.bank_lora import bank_lora_routed, route_bank
-from .kernels.common import apply_cores, core_layout
+from .kernels.common import core_layout
+from .lora_batch import LoraBatch, LoraTensors
 from .model import FUSED_GROUPS
 
 BASE = -1
@@ -34,11 +35,9 @@ BASE = -1
 
 DEFAULT_MAX_LORA_RANK = 64
 """The server's default `--max-lora-rank`. vLLM defaults to 16; 64 admits the ranks common in
-published adapters (QLoRA trains r=64) while bounding a dense row at 64·(d_in + d_out) per slot."""
+published adapters (QLoRA trains r=64) while bounding a dense row at 64·(d_in + d_out) per target."""
 
-_GROUP_WEIGHTS = {"qkv": ("wqkv", "bqkv"), "o": ("wo", "bo"), "gate_up": ("w_gate_up", "b_gate_up"),
-                  "down": ("w_down", "b_down")}
-_SLOT_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+_TARGET_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
 
 
 @dataclass
@@ -63,12 +62,13 @@ class AdapterInfo:
         return bool(self.alora_invocation_tokens)
 
 
-def parse_slot(slot: str) -> tuple[int, str]:
-    """PEFT key prefix -> (layer, module), e.g. `...layers.3.self_attn.q_proj` -> (3, 'q_proj')."""
-    m = _SLOT_RE.search(module_name(slot))
+def parse_target(key: str) -> tuple[int, str]:
+    """PEFT key prefix of a target module -> (layer, module), e.g. `...layers.3.self_attn.q_proj`
+    -> (3, 'q_proj')."""
+    m = _TARGET_RE.search(module_name(key))
     if not m:
         raise ValueError(
-            f"cannot serve an adapter on {slot!r}: only the attention and MLP projections of decoder layers "
+            f"cannot serve an adapter on {key!r}: only the attention and MLP projections of decoder layers "
             "(q/k/v/o_proj, gate/up/down_proj) are adaptable"
         )
     return int(m.group(1)), m.group(2)
@@ -83,7 +83,7 @@ def _capacity(n: int) -> int:
 class AdapterRegistry:
     """Name -> adapter; owns the stacked dense factors and the bank tensors on the model's device.
 
-    Dense invariant: the n dense adapters hold rows 0..n-1; the stack of a slot is as wide as the
+    Dense invariant: the n dense adapters hold rows 0..n-1; the stack of a target is as wide as the
     largest rank a resident adapter has there (dropped when none uses it), its capacity is
     `_capacity(n)`, and everything outside an adapter's own factors is zero. Unloading moves the
     last row into the hole (its `AdapterInfo.index` changes; `batch()` reads indices when it builds
@@ -95,7 +95,7 @@ class AdapterRegistry:
                  max_lora_rank: int | None = None):
         self.config, self.dtype, self.device = config, dtype, torch.device(device)
         self.model = model
-        """the Transformer, if its weights may be extended with folded shrink columns"""
+        """the Transformer, if a bank's shrink may be folded into its weights (`add_extra_outputs`)"""
         if max_lora_rank is not None and (isinstance(max_lora_rank, bool) or not isinstance(max_lora_rank, int)
                                           or max_lora_rank < 1):
             raise ValueError(f"max_lora_rank must be a positive int or None, got {max_lora_rank!r}")
@@ -106,7 +106,7 @@ class AdapterRegistry:
         on the grouped torch path with cores gathered once per batch (CUDA runs the fused kernel)"""
         # K=1 bank on CPU: V is folded into the base weight; (layer, group) -> (Uᵀ (R, d_out), R, j).
         # K>1 bank on CPU: (layer, group) -> (V (K, d_in, R), Uᵀ (K, R, d_out), R, j).
-        # Either way the group's cores are slot j of `_cores[R]` (J, n + 1, R, R) (in `core_layout`)
+        # Either way the group's cores are entry j of `_cores[R]` (J, n + 1, R, R) (in `core_layout`)
         # or (J, n + 1, R), whose last row is zero (base tokens and pads). One gather per R per batch
         # serves every layer, and decode steps that repeat the batch reuse it.
         self._folded: dict[tuple[int, str], tuple[torch.Tensor, int, int]] = {}
@@ -122,11 +122,11 @@ class AdapterRegistry:
         self._by_name: dict[str, AdapterInfo] = {}
         self._by_uid: dict[int, AdapterInfo] = {}
         self._next_uid = 0
-        # dense: (layer, module) -> [lora_A (cap, r, d_in), lora_B (cap, d_out, r)], r per slot
+        # dense: (layer, module) -> [lora_A (cap, r, d_in), lora_B (cap, d_out, r)], r per target
         self._dense: dict[tuple[int, str], list[torch.Tensor]] = {}
         self._dense_cap = 0
         self._dense_ranks: dict[int, dict[tuple[int, str], int]] = {}
-        """uid -> the rank it has at each slot it adapts"""
+        """uid -> the rank it has at each target it adapts"""
         # bank: (layer, group) -> (U (K, d_out, g*r), V (K, d_in, g*r), S (n, g*r, g*r) or (n, g*r))
         self._bank: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.bank: Bank | None = None
@@ -149,14 +149,14 @@ class AdapterRegistry:
             raise KeyError(f"no adapter named {name!r} is loaded (loaded: {preview or 'none'})")
         return info
 
-    def by_uid(self, uid: int) -> AdapterInfo:
-        return self._by_uid[uid]
-
-    def _check_name(self, name: str) -> None:
+    def _check_name(self, name: str, replace: bool = False) -> None:
         if not isinstance(name, str) or not name or name == "base" or ":" in name:
             raise ValueError(f"adapter name must be a non-empty string other than 'base' without ':', got {name!r}")
-        if name in self._by_name:
+        old = self._by_name.get(name)
+        if old is not None and not replace:
             raise ValueError(f"an adapter named {name!r} is already loaded; unload it first")
+        if old is not None and old.kind != "dense":
+            raise ValueError(f"adapter {name!r} is a bank entry and cannot be replaced (grow the bank with Bank.add)")
 
     def _new(self, name: str, **kw) -> AdapterInfo:
         self._batch_cache = None
@@ -166,42 +166,46 @@ class AdapterRegistry:
         self._by_name[name], self._by_uid[info.uid] = info, info
         return info
 
-    def _check_slot(self, who: str, slot: str, d_in: int, d_out: int) -> tuple[int, str]:
-        layer, module = parse_slot(slot)
+    def _check_target(self, who: str, key: str, d_in: int, d_out: int) -> tuple[int, str]:
+        layer, module = parse_target(key)
         if layer >= self.config.num_layers:
-            raise ValueError(f"{who}: slot {slot!r} is layer {layer}, the model has {self.config.num_layers} layers")
+            raise ValueError(f"{who}: target {key!r} is layer {layer}, the model has {self.config.num_layers} layers")
         want = self.config.module_shape(module)
         if (d_in, d_out) != want:
-            raise ValueError(f"{who}: {slot!r} maps {d_in} -> {d_out} features, the model's {module} maps "
+            raise ValueError(f"{who}: {key!r} maps {d_in} -> {d_out} features, the model's {module} maps "
                              f"{want[0]} -> {want[1]} (adapter made for another base model?)")
         return layer, module
 
     # ------------------------------------------------------------------- dense
-    def load_adapter(self, name: str, path: str | os.PathLike) -> AdapterInfo:
-        """Load a PEFT directory (safetensors only) as a dense adapter."""
-        self._check_name(name)
-        return self.add_adapter(name, load_adapter(Path(path), name=name))
+    def load_adapter(self, name: str, path: str | os.PathLike, *, replace: bool = False) -> AdapterInfo:
+        """Load a PEFT directory (safetensors only) as a dense adapter (`replace`: see `add_adapter`)."""
+        self._check_name(name, replace)
+        return self.add_adapter(name, load_adapter(Path(path), name=name), replace=replace)
 
-    def add_adapter(self, name: str, adapter: LoraAdapter) -> AdapterInfo:
-        """Add a dense adapter as the next row of the stacks. Everything is checked before any tensor
-        changes, so a refused adapter leaves the registry as it was."""
-        self._check_name(name)
-        slots = {}
-        for slot, a in adapter.lora_A.items():
-            b = adapter.lora_B[slot]
-            slots[self._check_slot(f"adapter {name!r}", slot, a.shape[1], b.shape[0])] = (a, b)
-        ranks = {key: a.shape[0] for key, (a, _) in slots.items()}
+    def add_adapter(self, name: str, adapter: LoraAdapter, *, replace: bool = False) -> AdapterInfo:
+        """Add a dense adapter as the next row of the stacks. `replace=True` first unloads a dense
+        adapter already loaded as `name` (vLLM's `load_inplace`); the new one gets a new uid, so no
+        block cached under the old weights is reused. Everything is checked before any tensor
+        changes, so a refused adapter leaves the registry as it was (the old one included)."""
+        self._check_name(name, replace)
+        targets = {}
+        for key, a in adapter.lora_A.items():
+            b = adapter.lora_B[key]
+            targets[self._check_target(f"adapter {name!r}", key, a.shape[1], b.shape[0])] = (a, b)
+        ranks = {key: a.shape[0] for key, (a, _) in targets.items()}
         r = max(ranks.values())
         if self.max_lora_rank is not None and r > self.max_lora_rank:
             raise ValueError(f"adapter {name!r} has rank {r}, over the server's max_lora_rank {self.max_lora_rank} "
                              f"(start it with --max-lora-rank {r} or more)")
+        if name in self._by_name:  # replace=True, checked above
+            self.unload(name)
         row = len(self._dense_ranks)
         cap = _capacity(row + 1)
         if cap != self._dense_cap:
             for key, (a, _) in self._dense.items():
                 self._resize(key, cap, a.shape[1])
             self._dense_cap = cap
-        for key, (a, b) in slots.items():
+        for key, (a, b) in targets.items():
             if key not in self._dense:
                 self._dense[key] = self._zeros(key, cap, ranks[key])
             elif ranks[key] > self._dense[key][0].shape[1]:
@@ -220,7 +224,7 @@ class AdapterRegistry:
         return [torch.zeros(cap, r, d_in, **kw), torch.zeros(cap, d_out, r, **kw)]  # (cap, r, d_in), (cap, d_out, r)
 
     def _resize(self, key: tuple[int, str], cap: int, r: int) -> None:
-        """Reallocate one slot's stacks as (cap, r), keeping the rows and ranks both shapes share."""
+        """Reallocate one target's stacks as (cap, r), keeping the rows and ranks both shapes share."""
         a, b = self._dense[key]
         new = self._zeros(key, cap, r)
         n, k = min(cap, a.shape[0]), min(r, a.shape[1])
@@ -236,14 +240,14 @@ class AdapterRegistry:
             moved = next(i for i in self._by_uid.values() if i.kind == "dense" and i.index == last)
             moved.index = info.index
         for a, b in self._dense.values():
-            a[info.index] = a[last]  # also clears the hole in slots the moved adapter does not use
+            a[info.index] = a[last]  # also clears the hole in targets the moved adapter does not use
             b[info.index] = b[last]
             a[last].zero_()
             b[last].zero_()
         cap = _capacity(last)
         for key in list(self._dense):
             r = self._dense[key][0].shape[1]
-            if gone.get(key) == r or not self._dense_ranks:  # only the leaver's widest slots can narrow
+            if gone.get(key) == r or not self._dense_ranks:  # only the leaver's widest targets can narrow
                 r = max((ranks.get(key, 0) for ranks in self._dense_ranks.values()), default=0)
             if r == 0:
                 del self._dense[key]
@@ -272,12 +276,12 @@ class AdapterRegistry:
         for e in bank.entries:  # before any tensor is built: a refused bank changes nothing
             self._check_name(prefix + e.name)
         per_module = {}
-        for info in bank.slots:
-            per_module[self._check_slot("bank", info.name, info.in_features, info.out_features)] = info.name
+        for info in bank.targets:
+            per_module[self._check_target("bank", info.name, info.in_features, info.out_features)] = info.name
         fused, cores_by_rank = {}, {}
         cast = lambda t: t.to(self.device, self.dtype).contiguous()  # noqa: E731
         r, k, n = bank.rank, bank.num_clusters, len(bank.entries)
-        diag = next(iter(bank.sigma.values())).dim() == 2  # jd-diag, and svd (each adapter its own basis)
+        diag = next(iter(bank.cores.values())).dim() == 2  # jd-diag, and svd (each adapter its own basis)
         for layer in range(self.config.num_layers):
             for group, modules in FUSED_GROUPS.items():
                 present = [m for m in modules if (layer, m) in per_module]
@@ -296,16 +300,19 @@ class AdapterRegistry:
                     U[:, off: off + outs[modules.index(m)], cols] = bank.U[name].float()
                     V[:, :, cols] = bank.V[name].float()
                     if diag:
-                        S[:, cols] = bank.sigma[name].float()
+                        S[:, cols] = bank.cores[name].float()
                     else:
-                        S[:, cols, cols] = bank.sigma[name].float()
+                        S[:, cols, cols] = bank.cores[name].float()
                 if not self.fold:
                     fused[(layer, group)] = (cast(U), cast(V), cast(S))
                     continue
                 j = len(cores_by_rank.setdefault(rg, []))
                 cores_by_rank[rg].append(core_layout(torch.cat([S, S[:1] * 0])))
                 if k == 1 and self.model is not None:
-                    self._fold(layer, group, cast(V[0].T))
+                    # One GEMM yields both x Wᵀ and the shrink x V at the cost of the base GEMM alone
+                    # (+24 rows on a 512x256 weight is within noise; a separate small mm costs
+                    # ~15-30 us per call on CPU).
+                    self._folded_bytes += self.model.add_extra_outputs(layer, group, cast(V[0].T))
                     self._folded[(layer, group)] = (cast(U[0].T), rg, j)
                     if len(present) > 1:
                         blocks = []
@@ -320,19 +327,6 @@ class AdapterRegistry:
         return [self._new(prefix + e.name, kind="bank", index=e.index, cluster=e.cluster, r=e.r,
                           config=e.config, alora_invocation_tokens=e.alora_invocation_tokens)
                 for e in bank.entries]
-
-    def _fold(self, layer: int, group: str, vt: torch.Tensor) -> None:
-        """Append Vᵀ (R, d_in) as extra output rows of the base weight: on CPU one GEMM then yields
-        both x Wᵀ and the shrink x V at the cost of the base GEMM alone (measured: +24 rows on a
-        512x256 weight is within noise), where a separate small mm costs ~15-30 us per call."""
-        w_name, b_name = _GROUP_WEIGHTS[group]
-        lw = self.model.layers[layer]
-        setattr(lw, w_name, torch.cat([getattr(lw, w_name), vt]).contiguous())
-        self._folded_bytes += vt.numel() * vt.element_size()
-        b = getattr(lw, b_name)
-        if b is not None:
-            setattr(lw, b_name, torch.cat([b, b.new_zeros(vt.shape[0])]))
-            self._folded_bytes += vt.shape[0] * b.element_size()
 
     # ------------------------------------------------------------------ unload
     def unload(self, name: str) -> AdapterInfo:
@@ -359,6 +353,14 @@ class AdapterRegistry:
         return sum(storages.values()) + (self._folded_bytes if kind in (None, "bank") else 0)
 
     # ------------------------------------------------------------------- batch
+    def lora_tensors(self) -> LoraTensors:
+        """What a forward's `LoraBatch` reads: the dense stacks and the bank's layouts, by reference."""
+        bank = self.bank
+        return LoraTensors(config=self.config, device=self.device, dense=self._dense, bank=self._bank,
+                           folded=self._folded, folded_blocks=self._folded_blocks, grouped=self._grouped,
+                           cores=self._cores, num_clusters=bank.num_clusters if bank is not None else 0,
+                           num_entries=len(bank.entries) if bank is not None else 0)
+
     def batch(self, uids: list[int]) -> LoraBatch | None:
         """The per-forward LoRA hook for tokens carrying these uids (None when all are base).
 
@@ -378,82 +380,7 @@ class AdapterRegistry:
                 dense_ids.append(info.index), clusters.append(-1), cores.append(-1)
             else:
                 dense_ids.append(-1), clusters.append(info.cluster), cores.append(info.index)
-        batch = LoraBatch(self, dense_ids, clusters, cores)
+        batch = LoraBatch(self.lora_tensors(), dense_ids, clusters, cores)
         self._batch_cache = (key, batch)
         return batch
 
-
-BLOCK_EXPAND_MIN_ROWS = 64
-"""rows from which a folded group's expand runs per module (below, one GEMM's fewer calls win)"""
-
-
-class LoraBatch:
-    """Per-forward adapter routing; called by the model after each fused linear. The registry
-    caches it while the batch's uids repeat, so decode steps reuse its groups and gathered cores."""
-
-    def __init__(self, reg: AdapterRegistry, dense_ids: list[int], clusters: list[int], cores: list[int]):
-        dev = reg.device
-        self.reg = reg
-        self.dense = None
-        if any(i >= 0 for i in dense_ids):
-            ids = torch.tensor(dense_ids, dtype=torch.long, device=dev)
-            self.dense = (ids, group_by_cluster(ids, ids))
-        self.bank = self.route = None
-        self.shared = len(set(cores)) == 1 and cores[0] >= 0
-        """every token carries the same bank entry: the folded path applies its core as one mm"""
-        self.cores: dict[tuple[int, str], torch.Tensor] = {}
-        """(layer, group) -> its core of each row, (rows, R, R) in `core_layout` or (rows, R): one
-        row per token (folded) or per row of the grouped path; zero for base tokens and pads"""
-        if any(i >= 0 for i in cores):
-            c = torch.tensor(clusters, dtype=torch.long, device=dev)
-            a = torch.tensor(cores, dtype=torch.long, device=dev)
-            if reg._bank:
-                self.bank = (c, a, group_by_cluster(c, a))
-            rows = a
-            if reg._grouped:
-                self.route = route_bank(c, a, reg.bank.num_clusters)
-                rows = self.route.rows
-            if reg._cores:  # one gather per rank serves every layer (-1 -> the appended zero core)
-                idx = torch.where(rows >= 0, rows, len(reg.bank.entries))
-                by_rank = {rg: t.index_select(1, idx) for rg, t in reg._cores.items()}  # (J, rows, R, R)
-                for key, (*_, rg, j) in (reg._folded | reg._grouped).items():
-                    self.cores[key] = by_rank[rg][j]
-        cfg = reg.config
-        sizes = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
-                 "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
-        self._offsets = {}
-        for group, modules in FUSED_GROUPS.items():
-            off = 0
-            for m in modules:
-                self._offsets[m] = (off, sizes[m])
-                off += sizes[m]
-
-    def __call__(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor,
-                 extra: torch.Tensor | None = None) -> None:
-        reg, key = self.reg, (layer, group)
-        st = self.cores.get(key)
-        if st is not None and extra is not None:  # a folded bank: extra = x V
-            ut, h = reg._folded[key][0], apply_cores(extra, st, self.shared)
-            blocks = reg._folded_blocks.get(key)
-            if blocks is None or h.shape[0] < BLOCK_EXPAND_MIN_ROWS:
-                y.addmm_(h, ut)  # (N, R) @ (R, d_out)
-            else:  # one (N, r) @ (r, d_m) per module of the group: Uᵀ's zero blocks cost nothing
-                for cols, out in blocks:
-                    y[:, out].addmm_(h[:, cols], ut[cols, out])
-        elif st is not None and self.route is not None:
-            v, ut, _, _ = reg._grouped[key]
-            bank_lora_routed(x, v, ut, st, y, self.route)
-        if self.bank is not None:
-            t = reg._bank.get((layer, group))
-            if t is not None:
-                c, a, groups = self.bank
-                bank_lora(x, t[1], t[2], t[0], c, a, y, groups=groups)
-        if self.dense is None:
-            return
-        ids, groups = self.dense
-        for module in FUSED_GROUPS[group]:
-            stacks = reg._dense.get((layer, module))
-            if stacks is not None:
-                off, size = self._offsets[module]
-                ys = y[:, off: off + size] if size != y.shape[1] else y  # (N, d_out) view
-                dense_lora(x, stacks[0], stacks[1], ids, ys, groups=groups)

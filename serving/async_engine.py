@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .engine import Engine
+from .engine import Engine, ScoreResult
 from .sampling import SamplingParams
 from .sequence import Delta
 
@@ -43,6 +43,8 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[int, _Stream] = {}
         self._prefills: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._scores: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        """running `score` forks"""
         self._stop = False
         self._thread: threading.Thread | None = None
         self.step_seconds = 0.0
@@ -131,6 +133,30 @@ class AsyncEngine:
         await self.call(submit)
         return await fut
 
+    async def score(self, seq: int, continuation: list[int], adapter: str | None = None,
+                    top: int | None = None) -> ScoreResult:
+        """`Engine.score_ranked` of one continuation after the idle sequence `seq`, in the shared
+        batch. A cancelled caller's fork is closed (its blocks freed) before the next step."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def submit():
+            f = self.engine.submit_score(seq, continuation, adapter, top)
+            self._scores[f] = (loop, fut)
+            return f
+
+        fork = await self.call(submit, undo=self._drop_score)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self._commands.put((self._drop_score, (fork,), None, None))
+            self._wake.set()
+            raise
+
+    def _drop_score(self, fork: int) -> None:
+        if self._scores.pop(fork, None) is not None:
+            self.engine.close(fork)
+
     async def close(self, *seqs: int) -> None:
         """Close sequences (running or not): their blocks are free for the next step."""
         def close():
@@ -192,6 +218,14 @@ class AsyncEngine:
                     (c,) = self.engine.wait([seq])
                     error = RuntimeError(c.error) if c.error else None
                     loop.call_soon_threadsafe(_settle, fut, c.counters.prefilled, error)
+            for fork, (loop, fut) in list(self._scores.items()):
+                if not self.engine.running(fork):
+                    del self._scores[fork]
+                    try:
+                        result, error = self.engine.score_result(fork), None
+                    except RuntimeError as err:  # the score failed (the step isolated it)
+                        result, error = None, err
+                    loop.call_soon_threadsafe(_settle, fut, result, error)
 
     def _run_commands(self) -> None:
         while True:
@@ -218,6 +252,13 @@ class AsyncEngine:
             self._prefills.pop(seq)
             try:
                 self.engine.close(seq)
+            except Exception:
+                pass
+            loop.call_soon_threadsafe(_settle, fut, None, EngineDied(f"engine step failed: {err!r}"))
+        for fork, (loop, fut) in list(self._scores.items()):
+            self._scores.pop(fork)
+            try:
+                self.engine.close(fork)
             except Exception:
                 pass
             loop.call_soon_threadsafe(_settle, fut, None, EngineDied(f"engine step failed: {err!r}"))

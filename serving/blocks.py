@@ -3,18 +3,31 @@
 A full block is keyed by a hash chained over its parent block's key, its tokens, and the adapter
 each token was computed with (vLLM-style automatic prefix caching, extended with adapter ids so a
 base-computed prefix is shared by every adapter and never confused with an adapted one). Blocks
-whose count drops to zero stay findable by key until their slot is reused (LRU), so a finished
+whose count drops to zero stay findable by key until the block is reused (LRU), so a finished
 request's prompt still serves the next one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
+from collections.abc import Sequence
+
+ROOT_KEY = hashlib.sha256(b"kilolora prefix cache v1").digest()
+"""the parent key of a sequence's first block"""
 
 
-def block_key(parent: int | None, tokens: tuple[int, ...], adapters: tuple[int, ...]) -> int:
-    # Python's tuple hash of ints is deterministic across processes (no hash randomisation).
-    return hash((parent, tokens, adapters))
+def block_key(parent: bytes | None, tokens: Sequence[int], adapters: Sequence[int]) -> bytes:
+    """sha256(parent key | n | n token ids | n adapter uids), as fixed-width little-endian int64
+    (vLLM's `sha256` prefix-caching hash, with adapter uids in place of its extra keys). Unlike
+    Python's `hash` of a tuple, a key is the same in every process and on every machine, and two
+    different chains collide only if sha256 does: the parent is always 32 bytes and the count
+    fixes where the tokens end and the uids begin."""
+    n = len(tokens)
+    assert len(adapters) == n, "one adapter uid per token"
+    body = struct.pack(f"<q{n}q{n}q", n, *tokens, *adapters)  # uids are signed: BASE is -1
+    return hashlib.sha256((parent if parent is not None else ROOT_KEY) + body).digest()
 
 
 class OutOfBlocks(RuntimeError):
@@ -29,8 +42,8 @@ class BlockManager:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.ref = [0] * num_blocks
-        self.key_of: list[int | None] = [None] * num_blocks
-        self.by_key: dict[int, int] = {}
+        self.key_of: list[bytes | None] = [None] * num_blocks
+        self.by_key: dict[bytes, int] = {}
         self._free_plain: list[int] = list(range(num_blocks - 1, -1, -1))
         self._free_cached: OrderedDict[int, None] = OrderedDict()  # LRU: oldest first
         self.hits = 0
@@ -76,7 +89,7 @@ class BlockManager:
                 self._free_plain.append(b)
 
     # ------------------------------------------------------------ prefix cache
-    def lookup(self, key: int) -> int | None:
+    def lookup(self, key: bytes) -> int | None:
         """The block holding this content, with its count raised; None on a miss."""
         b = self.by_key.get(key)
         if b is None:
@@ -85,7 +98,7 @@ class BlockManager:
         self.hits += 1
         return b
 
-    def register(self, b: int, key: int) -> None:
+    def register(self, b: int, key: bytes) -> None:
         """Mark a full block's content; an existing block with the same content stays canonical."""
         if self.key_of[b] is not None:
             return

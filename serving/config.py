@@ -44,6 +44,7 @@ class ModelConfig:
     """per layer: attend to at most this many previous positions (None = full attention)"""
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
+    """config.json's, and with `from_dir` also generation_config.json's"""
 
     @property
     def q_size(self) -> int:
@@ -120,7 +121,13 @@ class ModelConfig:
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: no config.json")
-        return cls.from_hf(json.loads(cfg_file.read_text()))
+        config = cls.from_hf(json.loads(cfg_file.read_text()))
+        gen_file = path / "generation_config.json"
+        if gen_file.is_file():
+            # transformers' generate stops at generation_config's EOS ids, which may list more than
+            # config.json's (chat models often add their end-of-turn token there).
+            config.eos_token_id = _union_ids(config.eos_token_id, json.loads(gen_file.read_text()).get("eos_token_id"))
+        return config
 
     def inv_freq(self):
         """RoPE inverse frequencies (head_dim/2,), float64, with the configured scaling applied."""
@@ -157,3 +164,13 @@ def _sliding_windows(hf: dict, model_type: str, num_layers: int) -> tuple[int | 
         first = hf.get("max_window_layers", num_layers)
         return tuple(window if i >= first else None for i in range(num_layers))
     return (window,) * num_layers
+
+
+def _union_ids(*ids: int | list[int] | None) -> int | list[int] | None:
+    """The token ids of several `eos_token_id` fields, each an id, a list or None; in order, once each."""
+    out: list[int] = []
+    for x in ids:
+        for t in x if isinstance(x, list) else [] if x is None else [x]:
+            if t not in out:
+                out.append(t)
+    return out[0] if len(out) == 1 else out or None

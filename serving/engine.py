@@ -1,10 +1,13 @@
-"""The engine: one model, a paged KV cache, the adapter registry, and a continuous-batching loop.
+"""The engine: one model, a paged KV cache, the adapter registry, and a continuous-batching loop
+(the `Scheduler`, which owns the open sequences and their job queue).
 
 Every `step()` packs the uncomputed tokens of every active sequence (prefill chunks and single
 decode tokens alike) into one forward, each token carrying the uid of its adapter. Sequences are
 the unit the orchestrator works with: `open`, `extend`, `fork` (shares blocks), `rewind` (drops a
 tail), `set_adapter` (activated adapters keep the cached prefix; standard ones re-prefill, from the
-prefix cache when possible), `score`, and generation jobs on any of them.
+prefix cache when possible), `score`, and generation jobs on any of them. A job may hold its output to
+a grammar (`SamplingParams.structured_outputs`, `serving.structured`); like every job it runs on an
+idle sequence, and fork/rewind wait until it has finished.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +26,22 @@ from .adapters import BASE, AdapterInfo, AdapterRegistry
 from .blocks import BlockManager
 from .model import KVCache, Transformer, load_model
 from .sampling import SamplingParams
-from .scheduler import run_step
-from .sequence import Completion, Counters, Delta, GenJob, ScoreJob, Seq, find_last
+from .scheduler import Scheduler
+from .sequence import Completion, Delta, GenJob, IncrementalDetokenizer, ScoreJob, Seq, Tokens, find_last
+from .structured import Grammars
+
+
+@dataclass
+class ScoreResult:
+    """A finished score (`Engine.submit_score` / `score_ranked`)."""
+
+    logprobs: list[float]
+    """log p(continuation[j] | context, continuation[:j]) for each j"""
+    counters: Tokens
+    ranks: list[int] | None = None
+    """with `top`: each token's rank under the model (1 = the most likely)"""
+    top: list[list[tuple[int, float]]] | None = None
+    """with `top` = k: the k most likely (token, log-probability) at each position, best first"""
 
 
 class Engine:
@@ -45,22 +63,30 @@ class Engine:
         self.registry = AdapterRegistry(model.config, model.dtype, model.device, model=model)
         self.registry.max_lora_rank = max_lora_rank
         """dense adapters of a larger rank are refused (None: no limit)"""
-        self._seqs: dict[int, Seq] = {}
-        self._next_seq = 0
-        self._arrivals = 0
         self._rng = torch.Generator().manual_seed(seed)
         eos = model.config.eos_token_id
         self.eos_token_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(tokenizer.eos_token_id)
-        self.steps = 0
+        self.scheduler = Scheduler(model, self.cache, self.blocks, self.registry, max_batch_tokens=max_batch_tokens,
+                                   max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
+        """the open sequences, their job queue and the step"""
+        self.grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_token_ids) \
+            if tokenizer is not None else None
+        """structured outputs' compiled specs (the one part of the engine safe to use from any thread)"""
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, bank: str | os.PathLike | None = None,
                         adapters: dict[str, str | os.PathLike] | Sequence[str | os.PathLike] | None = None,
                         dtype: torch.dtype | None = None, device: str = "cpu", **kwargs) -> Engine:
-        """Load a HF checkpoint directory, optionally a bank and PEFT adapters (`{name: dir}` or dirs)."""
+        """Load a HF checkpoint directory, optionally a bank and PEFT adapters (`{name: dir}` or dirs).
+        `path` may also be a `.gguf` file: it is converted once through transformers' GGUF loader
+        and the checkpoint cached by the file's sha256 (see `serving.gguf`)."""
         path = Path(path)
+        if path.suffix.lower() == ".gguf":
+            from .gguf import gguf_checkpoint
+
+            path = gguf_checkpoint(path)
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked but torch sees no CUDA device")
         model = load_model(path, dtype=dtype, device=device)
@@ -79,22 +105,34 @@ class Engine:
         return engine
 
     # ------------------------------------------------------------------ adapters
-    def load_adapter(self, name: str, path: str | os.PathLike) -> AdapterInfo:
-        return self.registry.load_adapter(name, path)
+    def load_adapter(self, name: str, path: str | os.PathLike, *, replace: bool = False) -> AdapterInfo:
+        """Serve the PEFT directory `path` as `name`; `replace=True` swaps out an adapter already
+        loaded as `name` (vLLM's `load_inplace`; refused while open sequences use it)."""
+        if replace:
+            self._check_unused(name)
+        return self.registry.load_adapter(name, path, replace=replace)
 
-    def add_adapter(self, name: str, adapter: LoraAdapter) -> AdapterInfo:
-        """Serve an adapter already read (`compression.peft_io.load_adapter`) as `name`."""
-        return self.registry.add_adapter(name, adapter)
+    def add_adapter(self, name: str, adapter: LoraAdapter, *, replace: bool = False) -> AdapterInfo:
+        """Serve an adapter already read (`compression.peft_io.load_adapter`) as `name` (`replace`:
+        see `load_adapter`)."""
+        if replace:
+            self._check_unused(name)
+        return self.registry.add_adapter(name, adapter, replace=replace)
 
     def load_bank(self, bank, prefix: str = "") -> list[AdapterInfo]:
         return self.registry.load_bank(bank, prefix=prefix)
 
     def unload_adapter(self, name: str) -> None:
+        self._check_unused(name)
+        self.registry.unload(name)
+
+    def _check_unused(self, name: str) -> None:
+        if name not in self.registry:
+            return
         info = self.registry.get(name)
-        users = [s.id for s in self._seqs.values() if s.adapter is not None and s.adapter.uid == info.uid]
+        users = [s.id for s in self.scheduler.seqs.values() if s.adapter is not None and s.adapter.uid == info.uid]
         if users:
             raise ValueError(f"adapter {name!r} is in use by {len(users)} open sequence(s) {users[:5]}; close them first")
-        self.registry.unload(name)
 
     @property
     def adapters(self) -> list[str]:
@@ -116,23 +154,18 @@ class Engine:
         return ids
 
     def _seq(self, seq: int) -> Seq:
-        s = self._seqs.get(seq)
-        if s is None:
-            raise KeyError(f"no open sequence {seq}")
-        return s
+        return self.scheduler.get(seq)
 
     def open(self, prompt: str | Sequence[int] = (), adapter: str | None = None, group: object = None) -> int:
         """A new idle sequence holding `prompt`; nothing is computed until a job needs it. Sequences
-        of one `group` (a server passes one per request; forks inherit it) share batch slots fairly
+        of one `group` (a server passes one per request; forks inherit it) share each batch fairly
         with other groups (see `scheduler._fair`)."""
-        s = Seq(id=self._next_seq, tokens=[], adapters=[], group=group)
-        self._next_seq += 1
-        self._seqs[s.id] = s
+        s = self.scheduler.open(group)
         try:
             s.adapter = self._adapter(adapter)
             self.extend(s.id, prompt)
         except Exception:  # a refused prompt or adapter leaves no sequence behind
-            del self._seqs[s.id]
+            self.scheduler.close(s.id)
             raise
         return s.id
 
@@ -174,17 +207,7 @@ class Engine:
             if s.adapters[pos] != uid:
                 s.adapters[pos] = uid
                 first = min(first, pos)
-        self._invalidate(s, first)
-
-    def _invalidate(self, s: Seq, pos: int) -> None:
-        if pos >= s.num_computed:
-            return
-        s.num_computed = pos
-        keep = math.ceil(pos / self.block_size)
-        for b in s.blocks[keep:]:
-            self.blocks.decref(b)
-        del s.blocks[keep:]
-        del s.keys[pos // self.block_size:]
+        self.scheduler.invalidate(s, first)
 
     def fork(self, seq: int, n: int = 1) -> list[int]:
         """n copies of an idle sequence sharing its computed blocks (copy-on-write)."""
@@ -192,17 +215,7 @@ class Engine:
         self._idle(s, "fork")
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"fork needs n >= 1, got {n!r}")
-        out = []
-        for _ in range(n):
-            c = Seq(id=self._next_seq, tokens=list(s.tokens), adapters=list(s.adapters), adapter=s.adapter,
-                    alora_start=s.alora_start, blocks=list(s.blocks), keys=list(s.keys), num_computed=s.num_computed,
-                    group=s.group)
-            self._next_seq += 1
-            for b in c.blocks:
-                self.blocks.incref(b)
-            self._seqs[c.id] = c
-            out.append(c.id)
-        return out
+        return [self.scheduler.fork(s).id for _ in range(n)]
 
     def rewind(self, seq: int, pos: int) -> None:
         """Drop every token from `pos` on (backtracking); blocks no one else uses are freed."""
@@ -210,7 +223,7 @@ class Engine:
         self._idle(s, "rewind")
         if not isinstance(pos, int) or not 0 <= pos <= len(s.tokens):
             raise ValueError(f"rewind position must be in [0, {len(s.tokens)}], got {pos!r}")
-        self._invalidate(s, pos)
+        self.scheduler.invalidate(s, pos)
         del s.tokens[pos:], s.adapters[pos:]
         a = s.adapter
         if a is not None and a.activated and s.alora_start is not None and s.alora_start + len(a.alora_invocation_tokens) > pos:
@@ -218,12 +231,7 @@ class Engine:
 
     def close(self, seq: int) -> None:
         """Free the sequence (its full blocks stay in the prefix cache until reused)."""
-        s = self._seqs.pop(seq, None)
-        if s is None:
-            return
-        for b in s.blocks:
-            self.blocks.decref(b)
-        s.blocks.clear()
+        self.scheduler.close(seq)
 
     def _idle(self, s: Seq, what: str) -> None:
         if s.job is not None:
@@ -245,22 +253,34 @@ class Engine:
                              f"{self.blocks.num_blocks * self.block_size} (raise kv_cache_tokens)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
+        grammar = None
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise ValueError("structured outputs need a tokenizer; this engine has none")
+            grammar = self.grammars.matcher(params.structured_outputs)  # StructuredOutputError (a ValueError)
         g = torch.Generator()
         g.manual_seed(params.seed + seed_offset if params.seed is not None
                       else int(torch.randint(0, 2**62, (1,), generator=self._rng)))
-        s.job = GenJob(params=params, generator=g, start=len(s.tokens))
-        s.arrival = self._arrivals
-        self._arrivals += 1
+        detok = IncrementalDetokenizer(self.tokenizer, len(s.tokens)) if self.tokenizer is not None else None
+        s.job = GenJob(params=params, generator=g, start=len(s.tokens), detokenizer=detok, grammar=grammar)
+        self.scheduler.enqueue(s)
 
-    def _submit_score(self, seq: int, continuation: Sequence[int], adapter: str | None) -> int:
+    def submit_score(self, seq: int, continuation: Sequence[int] | str, adapter: str | None = None,
+                     top: int | None = None) -> int:
+        """Start scoring `continuation` after the idle sequence `seq` under `adapter` (None: base) on
+        a fork of it, which `step()` advances; returns the fork, whose `score_result` collects the
+        result (and closes it). `top` (k >= 0) also ranks each token and lists the k most likely."""
         s = self._seq(seq)
+        self._idle(s, "score")
         if not s.tokens:
             raise ValueError("score needs a non-empty context")
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 0):
+            raise ValueError(f"top must be None or an integer >= 0, got {top!r}")
         cont = self._encode(continuation)
         if not cont:
             raise ValueError("score needs at least one continuation token")
         (f,) = self.fork(seq)
-        fs = self._seqs[f]
+        fs = self._seq(f)
         fs.owned = True
         try:
             if adapter is not None or (s.adapter is not None):
@@ -269,26 +289,42 @@ class Engine:
         except Exception:
             self.close(f)
             raise
-        fs.job = ScoreJob(logits_from=len(s.tokens) - 1)
-        fs.arrival = self._arrivals
-        self._arrivals += 1
+        fs.job = ScoreJob(logits_from=len(s.tokens) - 1, top=top)
+        self.scheduler.enqueue(fs)
         return f
 
-    def score_many(self, items: Sequence[tuple[int, Sequence[int] | str, str | None]]) -> list[tuple[list[float], Counters]]:
+    def score_result(self, fork: int) -> ScoreResult:
+        """The finished score of a `submit_score` fork, which is closed; a failed one raises RuntimeError."""
+        fs = self._seq(fork)
+        job = fs.job
+        if not isinstance(job, ScoreJob) or not job.done:
+            raise ValueError(f"sequence {fork} has no finished score")
+        fs.job = None
+        self.close(fork)
+        if job.error:
+            raise RuntimeError(job.error)
+        return ScoreResult(job.scores, job.counters, job.ranks if job.top is not None else None,
+                           job.alternatives if job.top is not None else None)
+
+    def score_many(self, items: Sequence[tuple[int, Sequence[int] | str, str | None]]) -> list[tuple[list[float], Tokens]]:
         """Log-probabilities of each continuation after its sequence, under the given adapter,
         computed together; the sequences themselves are left unchanged."""
-        forks = [self._submit_score(seq, cont, adapter) for seq, cont, adapter in items]
-        while any(not self._seqs[f].job.done for f in forks):
-            self.step()
-        out = []
-        for f in forks:
-            job = self._seqs[f].job
-            self._seqs[f].job = None
-            self.close(f)
-            if job.error:
-                raise RuntimeError(job.error)
-            out.append((job.scores, job.counters))
-        return out
+        return [(r.logprobs, r.counters) for r in self.score_ranked(items)]
+
+    def score_ranked(self, items: Sequence[tuple[int, Sequence[int] | str, str | None]],
+                     top: int | None = None) -> list[ScoreResult]:
+        """`score_many` with each result whole: with `top` (k >= 0), every continuation token's rank
+        and the k most likely tokens at its position (what `prompt_logprobs` reports)."""
+        forks = []
+        try:
+            for seq, cont, adapter in items:
+                forks.append(self.submit_score(seq, cont, adapter, top))
+            while any(not self._seq(f).job.done for f in forks):
+                self.step()
+            return [self.score_result(f) for f in forks]
+        finally:
+            for f in forks:  # those a failure left behind
+                self.close(f)
 
     def score(self, seq: int, continuation: Sequence[int] | str, adapter: str | None = None) -> list[float]:
         """log p(continuation[j] | sequence, continuation[:j]) for each j; `adapter=None` scores with base."""
@@ -310,8 +346,7 @@ class Engine:
         if s.num_computed >= len(s.tokens) - 1:
             return False
         s.job = ScoreJob(logits_from=len(s.tokens) - 1)
-        s.arrival = self._arrivals
-        self._arrivals += 1
+        self.scheduler.enqueue(s)
         return True
 
     def wait(self, seqs: Sequence[int]) -> list[Completion]:
@@ -320,11 +355,11 @@ class Engine:
         for q in seqs:
             if self._seq(q).job is None:
                 raise ValueError(f"sequence {q} has no job to wait for")
-        while any(self._active(self._seqs[q]) for q in seqs):
+        while any(self._seq(q).running for q in seqs):
             self.step()
         out = []
         for q in seqs:
-            s = self._seqs[q]
+            s = self._seq(q)
             job, s.job = s.job, None
             if isinstance(job, ScoreJob):
                 out.append(Completion(q, [], "", "error" if job.error else "prefilled", counters=job.counters,
@@ -345,7 +380,7 @@ class Engine:
         try:
             for p, a in zip(prompts, adapters):
                 seqs.append(self.open(p, adapter=a))
-                self._seqs[seqs[-1]].owned = True
+                self._seq(seqs[-1]).owned = True
             return self.run(seqs, params)
         finally:
             for q in seqs:
@@ -355,7 +390,7 @@ class Engine:
                params: SamplingParams | None = None) -> Iterator[Delta]:
         """Yield the request's new tokens/text step by step; the last delta carries the Completion."""
         seq = self.open(prompt, adapter=adapter)
-        self._seqs[seq].owned = True
+        self._seq(seq).owned = True
         try:
             self.submit(seq, params)
             while True:
@@ -370,21 +405,21 @@ class Engine:
     # ------------------------------------------------------------------ stepping
     def running(self, seq: int) -> bool:
         """Whether a job submitted on `seq` is still being computed (`wait` collects it)."""
-        return self._active(self._seq(seq))
+        return self._seq(seq).running
 
     def has_work(self) -> bool:
-        return any(self._active(s) for s in self._seqs.values())
+        return self.scheduler.has_work()
 
-    @staticmethod
-    def _active(s: Seq) -> bool:
-        j = s.job
-        return j is not None and not (isinstance(j, ScoreJob) and j.done) and not (isinstance(j, GenJob) and j.result is not None)
+    @property
+    def steps(self) -> int:
+        """Forwards run so far."""
+        return self.scheduler.steps
 
     def stats(self) -> dict:
         return {"blocks_total": self.blocks.num_blocks, "blocks_used": self.blocks.num_used,
                 "blocks_free": self.blocks.num_free, "prefix_hits": self.blocks.hits,
-                "open_sequences": len(self._seqs), "adapters": len(self.registry), "steps": self.steps}
+                "open_sequences": len(self.scheduler.seqs), "adapters": len(self.registry), "steps": self.steps}
 
     def step(self) -> list[Delta]:
-        """One forward over every active sequence's next tokens; returns streamed deltas."""
-        return run_step(self)
+        """One forward over every running job's next tokens; returns streamed deltas."""
+        return self.scheduler.step()

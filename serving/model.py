@@ -23,12 +23,15 @@ from .config import ModelConfig
 FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
                 "down": ("down_proj",)}
 """fused linear -> the HF modules it concatenates along the output dimension, in order"""
+FUSED_WEIGHTS = {"qkv": ("wqkv", "bqkv"), "o": ("wo", "bo"), "gate_up": ("w_gate_up", "b_gate_up"),
+                 "down": ("w_down", "b_down")}
+"""fused linear -> its weight and bias in `LayerWeights`"""
 
 
 class LoraHook(Protocol):
     """Adds each token's adapter delta to a fused linear output `y`, in place. `extra` holds the
-    columns an adapter registry folded into the weight beyond the base outputs (e.g. a shared
-    basis `x V`, computed by the same GEMM), or None."""
+    outputs an adapter registry appended to the weight (`Transformer.add_extra_outputs`, e.g. a
+    shared basis `x V` computed by the same GEMM), or None when it appended none."""
 
     def __call__(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor,
                  extra: torch.Tensor | None) -> None: ...
@@ -83,6 +86,8 @@ class LayerWeights:
     b_gate_up: torch.Tensor | None
     w_down: torch.Tensor
     b_down: torch.Tensor | None
+    extra: dict[str, int] = field(default_factory=dict)
+    """fused linear -> rows its weight holds beyond the base outputs (`Transformer.add_extra_outputs`)"""
 
 
 class Transformer:
@@ -109,56 +114,77 @@ class Transformer:
         xf = x.float()
         return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)).to(x.dtype)
 
+    def add_extra_outputs(self, layer: int, group: str, weight: torch.Tensor) -> int:
+        """Append `weight` (R, d_in) to a fused linear as R output rows beyond the base outputs (and
+        R zeros to its bias): one GEMM then also yields `x @ weight.T`, which the forward hands to
+        the LoRA hook as `extra` instead of adding it to the model's activations. An adapter
+        registry folds a shared basis in this way; calls accumulate. Returns the bytes added."""
+        if group not in FUSED_WEIGHTS:
+            raise ValueError(f"group must be one of {sorted(FUSED_WEIGHTS)}, got {group!r}")
+        if not 0 <= layer < len(self.layers):
+            raise ValueError(f"layer must be in [0, {len(self.layers)}), got {layer!r}")
+        lw = self.layers[layer]
+        w_name, b_name = FUSED_WEIGHTS[group]
+        w, b = getattr(lw, w_name), getattr(lw, b_name)
+        if weight.dim() != 2 or weight.shape[1] != w.shape[1]:
+            raise ValueError(f"extra outputs of {group!r} need shape (R, {w.shape[1]}), got {tuple(weight.shape)}")
+        weight = weight.to(w.device, w.dtype)
+        setattr(lw, w_name, torch.cat([w, weight]).contiguous())
+        added = weight.numel() * weight.element_size()
+        if b is not None:
+            setattr(lw, b_name, torch.cat([b, b.new_zeros(weight.shape[0])]))
+            added += weight.shape[0] * b.element_size()
+        lw.extra[group] = lw.extra.get(group, 0) + weight.shape[0]
+        return added
+
     @torch.no_grad()
     def forward(self, batch: ForwardBatch, cache: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
         """Hidden states after the final norm, (N, hidden); keys/values are written to `cache`."""
-        c = self.config
-        n = batch.tokens.shape[0]
         cos, sin = self._rope_tables(batch.positions)
         cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]  # (N, 1, hd)
-        h = self.embed.index_select(0, batch.tokens)  # (N, D)
-        qkv_size = c.q_size + 2 * c.kv_size
-        for i, lw in enumerate(self.layers):
-            x = self._rms(h, lw.ln_attn)
-            qkv = _adapted(lora, i, "qkv", x, lw.wqkv, lw.bqkv, qkv_size)  # (N, q + 2kv)
-            q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-            q = _rotate(q.view(n, c.num_heads, c.head_dim), cos, sin)  # (N, H, hd)
-            k = _rotate(k.view(n, c.num_kv_heads, c.head_dim), cos, sin)  # (N, Hkv, hd)
-            cache.k[i].index_copy_(0, batch.slot_mapping, k)
-            cache.v[i].index_copy_(0, batch.slot_mapping, v.view(n, c.num_kv_heads, c.head_dim))
-            a = self._attention(i, q, batch, cache)  # (N, H*hd)
-            h = h + _adapted(lora, i, "o", a, lw.wo, lw.bo, c.hidden_size)
-            x = self._rms(h, lw.ln_mlp)
-            gu = _adapted(lora, i, "gate_up", x, lw.w_gate_up, lw.b_gate_up, 2 * c.intermediate_size)  # (N, 2I)
-            gate, up = gu.chunk(2, dim=-1)
-            m = F.silu(gate) * up
-            h = h + _adapted(lora, i, "down", m, lw.w_down, lw.b_down, c.hidden_size)
-        return self._rms(h, self.norm)
+
+        def attend(layer, q, k, v):  # (N, H, hd), (N, Hkv, hd), (N, Hkv, hd)
+            cache.k[layer].index_copy_(0, batch.slot_mapping, k)
+            cache.v[layer].index_copy_(0, batch.slot_mapping, v)
+            return self._attention(layer, q, batch, cache)  # (N, H*hd)
+
+        return self._decoder(self.embed.index_select(0, batch.tokens), cos, sin, attend, lora)  # (N, D)
 
     def forward_train(self, tokens: torch.Tensor, lora: LoraHook | None = None) -> torch.Tensor:
         """Hidden states of right-padded sequences `tokens` (B, T) with full causal attention and no
         cache, differentiable w.r.t. whatever `lora` adds (the trainer's adapters; base weights are
-        plain tensors). The hook gets (B, T, ·) activations and `extra=None`."""
+        plain tensors). The hook gets (B, T, ·) activations; `extra` is as in `forward`."""
         c = self.config
         b, t = tokens.shape
         if any(w is not None for w in c.sliding_windows):
             raise ValueError("forward_train does not implement sliding-window attention")
         cos, sin = self._rope_tables(torch.arange(t, device=self.device))
         cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]  # (T, 1, hd)
-        h = self.embed[tokens]  # (B, T, D)
+
+        def attend(layer, q, k, v):  # (B, T, H, hd), (B, T, Hkv, hd), (B, T, Hkv, hd)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=True)  # (B, H, T, hd)
+            return a.transpose(1, 2).reshape(b, t, c.q_size)  # (B, T, H*hd)
+
+        return self._decoder(self.embed[tokens], cos, sin, attend, lora)  # (B, T, D)
+
+    def _decoder(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
+                 lora: LoraHook | None) -> torch.Tensor:
+        """The decoder layers and the final norm over hidden states h (..., D), the one loop both
+        forwards share; `attend(layer, q, k, v)` -> (..., H*hd) is where they differ."""
+        c = self.config
         for i, lw in enumerate(self.layers):
             x = self._rms(h, lw.ln_attn)
-            qkv = _linear(lora, i, "qkv", x, lw.wqkv, lw.bqkv)  # (B, T, q + 2kv)
+            qkv = _adapted(lora, i, "qkv", x, lw.wqkv, lw.bqkv, lw.extra.get("qkv", 0))  # (..., q + 2kv)
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-            q = _rotate(q.view(b, t, c.num_heads, c.head_dim), cos, sin).transpose(1, 2)  # (B, H, T, hd)
-            k = _rotate(k.view(b, t, c.num_kv_heads, c.head_dim), cos, sin).transpose(1, 2)  # (B, Hkv, T, hd)
-            v = v.view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            a = a.transpose(1, 2).reshape(b, t, c.q_size)  # (B, T, H*hd)
-            h = h + _linear(lora, i, "o", a, lw.wo, lw.bo)
+            q = _rotate(q.unflatten(-1, (c.num_heads, c.head_dim)), cos, sin)  # (..., H, hd)
+            k = _rotate(k.unflatten(-1, (c.num_kv_heads, c.head_dim)), cos, sin)  # (..., Hkv, hd)
+            a = attend(i, q, k, v.unflatten(-1, (c.num_kv_heads, c.head_dim)))  # (..., H*hd)
+            h = h + _adapted(lora, i, "o", a, lw.wo, lw.bo, lw.extra.get("o", 0))
             x = self._rms(h, lw.ln_mlp)
-            gate, up = _linear(lora, i, "gate_up", x, lw.w_gate_up, lw.b_gate_up).chunk(2, dim=-1)
-            h = h + _linear(lora, i, "down", F.silu(gate) * up, lw.w_down, lw.b_down)
+            gu = _adapted(lora, i, "gate_up", x, lw.w_gate_up, lw.b_gate_up, lw.extra.get("gate_up", 0))  # (..., 2I)
+            gate, up = gu.chunk(2, dim=-1)
+            h = h + _adapted(lora, i, "down", F.silu(gate) * up, lw.w_down, lw.b_down, lw.extra.get("down", 0))
         return self._rms(h, self.norm)
 
     def _attention(self, layer: int, q: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
@@ -187,22 +213,14 @@ class Transformer:
 
 
 def _adapted(lora: LoraHook | None, layer: int, group: str, x: torch.Tensor, w: torch.Tensor,
-             b: torch.Tensor | None, out: int) -> torch.Tensor:
-    """x @ w.T (+ b), then each token's adapter delta; rows of w beyond `out` are folded extras."""
-    y = F.linear(x, w, b)  # (N, out [+ extra])
-    extra = None
-    if y.shape[1] != out:
-        y, extra = y[:, :out], y[:, out:]
+             b: torch.Tensor | None, extra: int) -> torch.Tensor:
+    """x @ w.T (+ b), then each token's adapter delta; the last `extra` rows of w are extra outputs."""
+    y = F.linear(x, w, b)  # (..., out + extra)
+    e = None
+    if extra:
+        y, e = y[..., :-extra], y[..., -extra:]
     if lora is not None:
-        lora(layer, group, x, y, extra)
-    return y
-
-
-def _linear(lora: LoraHook | None, layer: int, group: str, x: torch.Tensor, w: torch.Tensor,
-            b: torch.Tensor | None) -> torch.Tensor:
-    y = F.linear(x, w, b)
-    if lora is not None:
-        lora(layer, group, x, y, None)
+        lora(layer, group, x, y, e)
     return y
 
 

@@ -72,9 +72,12 @@ class Skill(BaseModel):
 
 
 def yes_probability(logprob_yes: float, logprob_no: float) -> float:
-    """P(yes) renormalised over {yes, no}."""
+    """P(yes) renormalised over {yes, no}; a log-probability of -inf (an answer missing from a
+    top-logprobs list) counts as probability 0, and 0.5 when both are."""
     import math
 
+    if logprob_yes == logprob_no == -math.inf:
+        return 0.5
     m = max(logprob_yes, logprob_no)
     py, pn = math.exp(logprob_yes - m), math.exp(logprob_no - m)
     return py / (py + pn)

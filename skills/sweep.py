@@ -288,7 +288,7 @@ def _by_role(world: World, summary: dict) -> dict[str, dict]:
 
 
 def _validate(adapters, todo: list[Candidate], dtype: str, compress_seed: int) -> None:
-    """Refuse a candidate the family cannot take (a rank over a slot's size) before any fit runs."""
+    """Refuse a candidate the family cannot take (a rank over a target's size) before any fit runs."""
     from compression.compress import CompressConfig, validate
     from compression.peft_io import Collection
 

@@ -185,9 +185,9 @@ class MultiLora:
         for layer in range(self.num_layers):
             for m in MODULES:
                 part = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-                slot = f"base_model.model.model.layers.{layer}.{part}.{m}"
-                lora_A[slot] = self.lora_A[f"{layer}_{m}"][i].detach().clone()
-                lora_B[slot] = self.lora_B[f"{layer}_{m}"][i].detach().clone() * self.scaling
+                target = f"base_model.model.model.layers.{layer}.{part}.{m}"
+                lora_A[target] = self.lora_A[f"{layer}_{m}"][i].detach().clone()
+                lora_B[target] = self.lora_B[f"{layer}_{m}"][i].detach().clone() * self.scaling
         return LoraAdapter(name, dict(config), lora_A, lora_B)
 
 

@@ -52,7 +52,7 @@ def compress(
 ) -> None:
     """Compress PEFT LoRA adapters into a shared-basis bank.
 
-    Every adapted layer (slot) gets shared bases U (d_out×r), V (d_in×r) per cluster and each
+    Every adapted layer (target) gets shared bases U (d_out×r), V (d_in×r) per cluster and each
     adapter a tiny core: ΔW_i ≈ U Σ_i Vᵀ ("Compress then Serve", ICML 2025). The bank is
     written atomically: a failed or interrupted run leaves no output directory behind, and
     --overwrite swaps the new bank in so that a bank is at OUT at every moment.
@@ -124,7 +124,7 @@ def bank_info(bank_dir: str, json: bool = False, top: int = 10) -> None:
     """Show a bank's sizes, savings and reconstruction errors.
 
     Errors are relative Frobenius norms over the whole adapter: ‖ΔW − UΣVᵀ‖_F / ‖ΔW‖_F with
-    all of its slots stacked.
+    all of its targets stacked.
 
     Args:
       bank_dir: the bank directory.
@@ -189,14 +189,14 @@ def make_collection(
 ) -> None:
     """Write a synthetic collection of PEFT adapters with planted shared structure.
 
-    Adapters of the same group share column and row spaces per slot (plus noise), which is
+    Adapters of the same group share column and row spaces per target (plus noise), which is
     what a compressor should find. For trying `kilolora compress` without real adapters.
 
     Args:
       out: output directory; adapters go to OUT/adapter_0000, ...
       n: number of adapters.
       groups: number of planted groups (try --clusters equal to it).
-      layers: decoder layers, each with q_proj and v_proj slots.
+      layers: decoder layers, each with q_proj and v_proj targets.
       hidden: hidden size (v_proj maps hidden to hidden/4).
       r: rank of every adapter.
       shared_rank: rank of each group's shared bases.
@@ -212,7 +212,7 @@ def make_collection(
             raise ValueError(f"--{field.replace('_', '-')} must be >= 1; got {value}")
     spec = PlantedSpec(
         n=n,
-        slots=(("q_proj", hidden, hidden), ("v_proj", hidden, max(hidden // 4, 1))),
+        modules=(("q_proj", hidden, hidden), ("v_proj", hidden, max(hidden // 4, 1))),
         layers=layers,
         r=r,
         shared_rank=shared_rank,
@@ -223,7 +223,7 @@ def make_collection(
     with _progress() as bar:
         task = bar.add_task("writing", total=n)
         write_planted(out, spec, progress=lambda k: bar.advance(task, k))
-    print(f"wrote {n} adapters ({groups} planted groups, {layers * 2} slots, r={r}) to {out}")
+    print(f"wrote {n} adapters ({groups} planted groups, {layers * 2} targets, r={r}) to {out}")
 
 
 def _fmt_count(x: float) -> str:
@@ -257,7 +257,7 @@ def _print_summary(bank: Bank, path: Path, seconds: float | None, as_json: bool,
     t.add_column(style="bold")
     t.add_column()
     t.add_row("method", f"{stats['method']}, rank {stats['rank']}, {stats['clusters']} cluster(s)")
-    t.add_row("adapters / slots", f"{stats['adapters']} / {stats['slots']}")
+    t.add_row("adapters / targets", f"{stats['adapters']} / {stats['targets']}")
     t.add_row(
         "parameters",
         f"{_fmt_count(stats['params_before'])} → {_fmt_count(stats['params_after'])} "
@@ -278,7 +278,7 @@ def _print_summary(bank: Bank, path: Path, seconds: float | None, as_json: bool,
     if stats.get("fit_iterations_max") is not None and stats.get("fit_converged") is not None:
         t.add_row(
             "iterations",
-            f"max {stats['fit_iterations_max']}, mean {stats['fit_iterations_mean']:.1f} per slot and cluster; "
+            f"max {stats['fit_iterations_max']}, mean {stats['fit_iterations_mean']:.1f} per target and cluster; "
             f"{100 * stats['fit_converged']:.0f}% converged (tol {bank.history.get('tol')})",
         )
     rounds = bank.history.get("clustering", [])

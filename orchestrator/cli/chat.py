@@ -128,7 +128,7 @@ def chat(*, url: str | None = None, world: str | None = None, adapter: str = "ba
     from skills.tasks import parse_answer
     from skills.world import World
 
-    from ..chat import ChatSession
+    from ..world import world_chat
 
     console = Console(highlight=False)
     view = _View(console)
@@ -136,8 +136,8 @@ def chat(*, url: str | None = None, world: str | None = None, adapter: str = "ba
     where = url or "in-process"
     if turns < 0:
         raise ValueError(f"--turns must be >= 0, got {turns}")
-    session = ChatSession.for_world(w, url, tools=not no_tools, verify=not no_verify, seed=seed, turns=turns,
-                                    on_event=view.on_event, on_text=view.on_text)
+    session = world_chat(w, url, tools=not no_tools, verify=not no_verify, seed=seed, turns=turns,
+                         on_event=view.on_event, on_text=view.on_text)
     session.set_adapter(adapter)
     console.print(f"[bold]kilolora chat[/bold] · world {escape(str(w.path.name))} · {escape(where)} · "
                   f"{len(session.available)} adapters · /help for commands, Ctrl-D to leave")

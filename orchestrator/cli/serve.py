@@ -1,4 +1,4 @@
-"""`kilolora serve`: the OpenAI-compatible server (see `serving.server`)."""
+"""`kilolora serve`: the OpenAI-compatible server (see `serving.openai.api_server`)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def serve(model_dir: str | None = None, /, *, bank: str | None = None, adapter: 
     With no MODEL_DIR it serves the embedded default world: the base, its skills (verifier,
     self_eval, tool_selector) and the task bank, with OpenAI tool calls for a `calculator`
     function (the tool selector proposes calls at step boundaries). MODEL_DIR may be a HF
-    checkpoint directory or a world directory. Endpoints: /v1/models, /v1/completions,
+    checkpoint directory, a world directory, or a `.gguf` file (converted once to a checkpoint
+    through transformers and cached by its sha256 under $KILOLORA_CACHE/gguf, default
+    ~/.cache/kilolora/gguf). Endpoints: /v1/models, /v1/completions,
     /v1/chat/completions (stream, n, logprobs, tools), /v1/load_lora_adapter,
     /v1/unload_lora_adapter, /tokenize, /detokenize, /health, /metrics. The `model` field picks
     the adapter: `base`, `NAME` or `base:NAME`. Only local directories are ever loaded.
@@ -34,7 +36,7 @@ def serve(model_dir: str | None = None, /, *, bank: str | None = None, adapter: 
     bounded (see the README's Security section).
 
     Args:
-      model_dir: HF checkpoint or world directory (default: the embedded world)
+      model_dir: HF checkpoint or world directory, or a .gguf file (default: the embedded world)
       bank: a compressed bank directory to serve (its adapters by name)
       adapter: PEFT adapters to serve, as NAME=DIR (one or more)
       host: interface to listen on
@@ -46,7 +48,7 @@ def serve(model_dir: str | None = None, /, *, bank: str | None = None, adapter: 
       kv_cache_tokens: KV cache capacity in tokens
       max_batch_tokens: most tokens in one engine step
       device: cpu or cuda
-      api_key: require `Authorization: Bearer KEY` on every route but /health and /metrics
+      api_key: require `Authorization: Bearer KEY` on every route but /health, /ping, /version and /metrics (as vLLM)
         (default: $KILOLORA_API_KEY; none: no authentication)
       allow_adapter_updates: enable /v1/load_lora_adapter and /v1/unload_lora_adapter (local
         directories only; anyone who can reach the server can then load files it can read)
@@ -57,9 +59,9 @@ def serve(model_dir: str | None = None, /, *, bank: str | None = None, adapter: 
       log_level: uvicorn's log level
     """
     from serving.engine import Engine
-    from serving.server import ServerLimits, create_app, local_dir
-    from serving.server import serve as run
-    from serving.tool_calls import dispatch_tool_format
+    from serving.openai.api_server import ServerLimits, create_app, local_dir
+    from serving.openai.api_server import serve as run
+    from serving.openai.tool_formats import dispatch_tool_format
 
     if not 0 < port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {port}")
@@ -83,16 +85,18 @@ def serve(model_dir: str | None = None, /, *, bank: str | None = None, adapter: 
     if model_dir is None or (Path(model_dir) / "world.json").is_file():
         from skills.world import World
 
+        from ..world import world_tool_format
+
         world = World.load(model_dir)
         engine = world.engine(**engine_kw)
         if bank is not None:
             engine.load_bank(local_dir(bank, "--bank"))
     else:
-        engine = Engine.from_pretrained(local_dir(model_dir, "MODEL_DIR"), bank=bank and local_dir(bank, "--bank"),
-                                        **engine_kw)
+        model = model_dir if Path(model_dir).suffix.lower() == ".gguf" else local_dir(model_dir, "MODEL_DIR")
+        engine = Engine.from_pretrained(model, bank=bank and local_dir(bank, "--bank"), **engine_kw)
     for name, path in pairs.items():
         engine.load_adapter(name, path)
-    fmt = dispatch_tool_format(tool_format, engine.tokenizer, world_tools(world) if world is not None else None)
+    fmt = dispatch_tool_format(tool_format, engine.tokenizer, world_tool_format(world) if world is not None else None)
     protected = {s.adapter for s in world.skills() if s.adapter} if world is not None else set()
     if fmt is not None and getattr(fmt, "proposer", None):
         protected.add(fmt.proposer)
@@ -113,16 +117,3 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def world_tools(world):
-    """The world's tool-call format: `[CALC]expr[/CALC]`, proposed by its tool-selector skill."""
-    from serving.tool_calls import MarkupTools
-    from skills.tokenizer import CALC_CLOSE, CALC_OPEN
-
-    selectors = world.skills("tool_selector")
-    if not selectors:
-        return MarkupTools(open=CALC_OPEN, close=CALC_CLOSE)
-    s = selectors[0]
-    return MarkupTools(open=CALC_OPEN, close=CALC_CLOSE, proposer=s.adapter, invocation=s.invocation or "",
-                       max_call_tokens=s.max_tokens)

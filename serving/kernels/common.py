@@ -50,7 +50,7 @@ class BankGroups:
 
     @property
     def pad_size(self) -> int:
-        """m, the largest group: the padded layout has len(clusters) * m slots."""
+        """m, the largest group: the padded layout has len(clusters) * m rows."""
         return max((e - b for b, e in self.bounds), default=0)
 
     def tiles(self, block_size_m: int) -> torch.Tensor:
@@ -68,10 +68,10 @@ class BankGroups:
         return self._cache[key]
 
     def padded(self, n_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every group padded to m slots, for one bmm over all groups: token rows (G*m,), core
+        """Every group padded to m rows, for one bmm over all groups: token rows (G*m,), core
         ids (G*m,), pad mask (G*m, 1) and group ids (G,). A pad repeats its group's last token,
         so every index stays valid; the caller zeroes pad rows before they are added. With
-        n_groups (K), all K groups get their m slots, the absent ones only pads, so the bmm reads
+        n_groups (K), all K groups get their m rows, the absent ones only pads, so the bmm reads
         the weights as they are instead of a gathered copy (group ids are then arange(K)). Cached."""
         key = ("padded", n_groups)
         if key not in self._cache:

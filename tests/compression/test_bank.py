@@ -22,7 +22,7 @@ def planted_collection(spec: PlantedSpec) -> tuple[Collection, list[int]]:
 
 
 def dense_rel_errors(bank: Bank, collection: Collection) -> torch.Tensor:
-    """Brute force: ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F per adapter over all slots, from dense matrices."""
+    """Brute force: ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F per adapter over all targets, from dense matrices."""
     out = []
     for a in collection.adapters:
         recon = bank.reconstruct(a.name)
@@ -34,7 +34,7 @@ def dense_rel_errors(bank: Bank, collection: Collection) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- clusters
 
-SPEC3 = PlantedSpec(n=30, slots=(("q_proj", 40, 40), ("v_proj", 40, 20)), layers=2, r=4, shared_rank=4, groups=3, noise=0.01)
+SPEC3 = PlantedSpec(n=30, modules=(("q_proj", 40, 40), ("v_proj", 40, 20)), layers=2, r=4, shared_rank=4, groups=3, noise=0.01)
 
 
 def purity(assign: list[int], truth: list[int]) -> float:
@@ -66,7 +66,7 @@ def test_same_seed_same_bank_and_clusters_are_deterministic():
     cfg = CompressConfig(method="jd-full", rank=4, clusters=3, seed=7)
     a, b = compress(col, cfg), compress(col, cfg)
     for s in a.U:
-        assert torch.equal(a.U[s], b.U[s]) and torch.equal(a.sigma[s], b.sigma[s])
+        assert torch.equal(a.U[s], b.U[s]) and torch.equal(a.cores[s], b.cores[s])
     assert [e.cluster for e in a.entries] == [e.cluster for e in b.entries]
 
 
@@ -79,16 +79,16 @@ def test_empty_clusters_are_refilled():
 
 
 def test_one_cluster_per_adapter_is_exact():
-    col, _ = planted_collection(PlantedSpec(n=5, slots=(("q_proj", 24, 24),), layers=1, r=3, shared_rank=3, groups=5))
+    col, _ = planted_collection(PlantedSpec(n=5, modules=(("q_proj", 24, 24),), layers=1, r=3, shared_rank=3, groups=5))
     bank = compress(col, CompressConfig(method="jd-full", rank=3, clusters=5))
     assert sorted(e.cluster for e in bank.entries) == [0, 1, 2, 3, 4]
     assert dense_rel_errors(bank, col).max() < 1e-5
 
 
 def test_config_validation():
-    col, _ = planted_collection(PlantedSpec(n=4, slots=(("q_proj", 16, 8),), layers=1, r=2))
+    col, _ = planted_collection(PlantedSpec(n=4, modules=(("q_proj", 16, 8),), layers=1, r=2))
     for cfg, match in [
-        (CompressConfig(rank=9), "rank 9 is larger than slot .* allows"),
+        (CompressConfig(rank=9), "rank 9 is larger than target .* allows"),
         (CompressConfig(rank=0), "rank must be"),
         (CompressConfig(rank=2, clusters=5), "clusters must be between 1 and"),
         (CompressConfig(rank=2, method="svd", clusters=2), "svd keeps one basis per adapter"),
@@ -104,7 +104,7 @@ def test_config_validation():
 
 
 def test_stats_count_parameters_and_savings():
-    spec = PlantedSpec(n=50, slots=(("q_proj", 64, 64), ("v_proj", 64, 16)), layers=2, r=8, shared_rank=8)
+    spec = PlantedSpec(n=50, modules=(("q_proj", 64, 64), ("v_proj", 64, 16)), layers=2, r=8, shared_rank=8)
     col, _ = planted_collection(spec)
     bank = compress(col, CompressConfig(method="jd-full", rank=8))
     s = bank.stats()
@@ -117,14 +117,14 @@ def test_stats_count_parameters_and_savings():
 
 
 def test_half_precision_adapters_make_a_half_precision_bank(tmp_path):
-    col, _ = planted_collection(PlantedSpec(n=6, slots=(("q_proj", 32, 32),), layers=1, r=4, shared_rank=4))
+    col, _ = planted_collection(PlantedSpec(n=6, modules=(("q_proj", 32, 32),), layers=1, r=4, shared_rank=4))
     for a in col.adapters:
         save_adapter(tmp_path / "in" / a.name, a.lora_A, a.lora_B, {"target_modules": ["q_proj"]}, dtype=torch.bfloat16)
     loaded = load_collection([tmp_path / "in"])
     bank = compress(loaded, CompressConfig(rank=4))
     assert bank.dtype == "bfloat16" and bank.stats()["bytes_before"] == 2 * bank.stats()["params_before"]
     bank.save(tmp_path / "bank")
-    assert Bank.load(tmp_path / "bank").U[col.slots[0].name].dtype == torch.bfloat16
+    assert Bank.load(tmp_path / "bank").U[col.targets[0].name].dtype == torch.bfloat16
     # Rounding to bf16 (inputs and bank) costs bf16 precision, and the reported errors are
     # those of the bank as stored: the dense check reconstructs from the saved bf16 tensors.
     assert 1e-4 < bank.stats()["rel_error_max"] < 2e-2
@@ -142,9 +142,9 @@ def test_save_load_roundtrip_and_checksum(tmp_path):
     back = Bank.load(tmp_path / "bank")
     assert back.names == bank.names and back.stats() == bank.stats()
     for s in bank.U:
-        assert torch.equal(back.U[s], bank.U[s]) and torch.equal(back.sigma[s], bank.sigma[s])
+        assert torch.equal(back.U[s], bank.U[s]) and torch.equal(back.cores[s], bank.cores[s])
     meta = json.loads((tmp_path / "bank" / "bank.json").read_text())
-    assert meta["format_version"] == 1 and meta["method"] == "jd-full" and meta["num_clusters"] == 3
+    assert meta["format_version"] == 2 and meta["method"] == "jd-full" and meta["num_clusters"] == 3
     assert meta["adapters"][0]["name"] == "a000" and "rel_error" in meta["adapters"][0]
     with pytest.raises(ValueError, match="already exists"):
         bank.save(tmp_path / "bank")
@@ -155,20 +155,20 @@ def test_save_load_roundtrip_and_checksum(tmp_path):
         Bank.load(tmp_path / "bank")
 
 
-def test_reconstruct_and_export_are_u_sigma_v(tmp_path):
+def test_reconstruct_and_export_are_u_core_v(tmp_path):
     col, _ = planted_collection(SPEC3)
     bank = compress(col, CompressConfig(method="jd-diag", rank=6, clusters=3))
     e = bank.entries[4]
     for s in bank.U:
-        U, V, sig = bank.U[s][e.cluster], bank.V[s][e.cluster], bank.sigma[s][e.index]
-        torch.testing.assert_close(bank.reconstruct(e.name)[s], U @ torch.diag(sig) @ V.T)
+        U, V, core = bank.U[s][e.cluster], bank.V[s][e.cluster], bank.cores[s][e.index]
+        torch.testing.assert_close(bank.reconstruct(e.name)[s], U @ torch.diag(core) @ V.T)
     exported = load_adapter(bank.export(e.name, tmp_path / "exp"))
     for s, w in bank.reconstruct(e.name).items():
         torch.testing.assert_close(exported.delta(s), w, rtol=1e-5, atol=1e-6)
 
 
 def test_add_projects_onto_the_best_cluster():
-    spec = PlantedSpec(n=31, slots=SPEC3.slots, layers=2, r=4, shared_rank=4, groups=3, noise=0.0)
+    spec = PlantedSpec(n=31, modules=SPEC3.modules, layers=2, r=4, shared_rank=4, groups=3, noise=0.0)
     full, truth = planted_collection(spec)
     col = Collection(full.adapters[:30])
     bank = compress(col, CompressConfig(method="jd-full", rank=4, clusters=3))
@@ -179,7 +179,7 @@ def test_add_projects_onto_the_best_cluster():
     assert entry.rel_error < 1e-4  # it lies in its group's planted span
     for s, w in bank.reconstruct("late").items():
         U, V = bank.U[s][entry.cluster], bank.V[s][entry.cluster]
-        torch.testing.assert_close(bank.sigma[s][30], U.T @ newcomer.delta(s) @ V, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bank.cores[s][30], U.T @ newcomer.delta(s) @ V, rtol=1e-4, atol=1e-5)
     # An adapter from outside every group is added too, with its (large) error recorded.
     g = torch.Generator().manual_seed(9)
     stranger = LoraAdapter(
@@ -194,20 +194,20 @@ def test_add_projects_onto_the_best_cluster():
 
 
 def test_add_to_svd_bank_gets_its_own_basis():
-    col, _ = planted_collection(PlantedSpec(n=4, slots=(("q_proj", 20, 20),), layers=1, r=3, shared_rank=3, groups=4))
+    col, _ = planted_collection(PlantedSpec(n=4, modules=(("q_proj", 20, 20),), layers=1, r=3, shared_rank=3, groups=4))
     bank = compress(Collection(col.adapters[:3]), CompressConfig(method="svd", rank=3))
     entry = bank.add(col.adapters[3])
     assert bank.num_clusters == 4 and entry.cluster == 3 and entry.rel_error < 1e-5
     bank.check()
 
 
-def test_add_rejects_mismatched_slots():
-    col, _ = planted_collection(PlantedSpec(n=3, slots=(("q_proj", 20, 20),), layers=1, r=2))
+def test_add_rejects_mismatched_targets():
+    col, _ = planted_collection(PlantedSpec(n=3, modules=(("q_proj", 20, 20),), layers=1, r=2))
     bank = compress(col, CompressConfig(rank=2))
-    other, _ = planted_collection(PlantedSpec(n=1, slots=(("q_proj", 20, 10),), layers=1, r=2))
+    other, _ = planted_collection(PlantedSpec(n=1, modules=(("q_proj", 20, 10),), layers=1, r=2))
     with pytest.raises(ValueError, match=r"has shape \(out=10, in=20\) but the bank has \(out=20, in=20\)"):
         bank.add(other.adapters[0], name="x")
-    extra, _ = planted_collection(PlantedSpec(n=1, slots=(("k_proj", 20, 20),), layers=1, r=2))
+    extra, _ = planted_collection(PlantedSpec(n=1, modules=(("k_proj", 20, 20),), layers=1, r=2))
     with pytest.raises(ValueError, match="no basis for"):
         bank.add(extra.adapters[0], name="y")
 
@@ -256,7 +256,7 @@ def test_peft_roundtrip_at_full_rank(tiny_llama_dir, tmp_path):
 
 
 def small_bank(tmp_path, name="bank", rank=4) -> Bank:
-    col, _ = planted_collection(PlantedSpec(n=4, slots=(("q_proj", 16, 16),), layers=1, r=2, shared_rank=2, groups=2))
+    col, _ = planted_collection(PlantedSpec(n=4, modules=(("q_proj", 16, 16),), layers=1, r=2, shared_rank=2, groups=2))
     bank = compress(col, CompressConfig(rank=rank))
     bank.save(tmp_path / name)
     return bank
@@ -276,7 +276,7 @@ def test_load_refuses_nan_even_when_the_sha_matches(tmp_path):
     small_bank(tmp_path)
     f = tmp_path / "bank" / "bank.safetensors"
     tensors = load_file(str(f))
-    key = next(k for k in tensors if k.endswith(".sigma"))
+    key = next(k for k in tensors if k.endswith(".cores"))
     tensors[key][1, 0, 0] = float("nan")
     save_file(tensors, str(f), metadata={"format": "kilolora.bank"})
     _rewrite_sha(tmp_path / "bank")
@@ -287,16 +287,16 @@ def test_load_refuses_nan_even_when_the_sha_matches(tmp_path):
 def test_compress_and_save_refuse_non_finite_tensors(tmp_path, monkeypatch):
     from compression import jd
 
-    col, _ = planted_collection(PlantedSpec(n=4, slots=(("q_proj", 16, 16),), layers=1, r=2, shared_rank=2, groups=2))
+    col, _ = planted_collection(PlantedSpec(n=4, modules=(("q_proj", 16, 16),), layers=1, r=2, shared_rank=2, groups=2))
     fit = jd.FITS["jd-full"]
 
     def nan_fit(*args, **kw):
         out = fit(*args, **kw)
-        out.sigma[0, 0, 0] = float("nan")
+        out.cores[0, 0, 0] = float("nan")
         return out
 
     monkeypatch.setitem(jd.FITS, "jd-full", nan_fit)
-    with pytest.raises(ValueError, match=r"the fit produced NaN or Inf values in bank tensor .*q_proj\.sigma \(as float32\)"):
+    with pytest.raises(ValueError, match=r"the fit produced NaN or Inf values in bank tensor .*q_proj\.cores \(as float32\)"):
         compress(col, CompressConfig(rank=2))
     monkeypatch.undo()
 
@@ -323,7 +323,7 @@ def _meta_edit(edit):
 
 BAD_META = {
     "a list": (lambda meta: [meta], r"bank\.json: expected a JSON object, got a list"),
-    "no slots": (_meta_edit(lambda m: m.pop("slots")), r"bank\.json: missing field 'slots'"),
+    "no targets": (_meta_edit(lambda m: m.pop("targets")), r"bank\.json: missing field 'targets'"),
     "rank a string": (_meta_edit(lambda m: m.update(rank="4")), r"bank\.json: rank must be an integer; got \"4\""),
     "dtype float64": (_meta_edit(lambda m: m.update(dtype="float64")),
                       r"bank\.json: dtype must be one of float32, float16, bfloat16; got 'float64'"),
@@ -333,12 +333,13 @@ BAD_META = {
     "missing entry field": (_meta_edit(lambda m: m["adapters"][2].pop("r")), r"bank\.json: adapters\[2\]: missing field 'r'"),
     "entry index a string": (_meta_edit(lambda m: m["adapters"][0].update(index="0")),
                              r"adapters\[0\]: index must be an integer; got \"0\""),
-    "entry slots": (_meta_edit(lambda m: m["adapters"][0].update(slots="q_proj")),
-                    r"adapters\[0\]: slots must be a list of strings; got \"q_proj\""),
+    "entry targets": (_meta_edit(lambda m: m["adapters"][0].update(targets="q_proj")),
+                      r"adapters\[0\]: targets must be a list of strings; got \"q_proj\""),
     "entry not an object": (_meta_edit(lambda m: m["adapters"].__setitem__(0, 7)), r"adapters\[0\]: expected an object, got a number"),
-    "slot field": (_meta_edit(lambda m: m["slots"][0].update(in_features=16.5)), r"slots\[0\]: in_features must be an integer; got 16.5"),
-    "unknown slot in entry": (_meta_edit(lambda m: m["adapters"][0]["slots"].append("nowhere")),
-                              r"bank entry 'a000' adapts slot 'nowhere', which the bank has no basis for"),
+    "target field": (_meta_edit(lambda m: m["targets"][0].update(in_features=16.5)),
+                     r"targets\[0\]: in_features must be an integer; got 16.5"),
+    "unknown target in entry": (_meta_edit(lambda m: m["adapters"][0]["targets"].append("nowhere")),
+                                r"bank entry 'a000' adapts target 'nowhere', which the bank has no basis for"),
     "duplicate names": (_meta_edit(lambda m: m["adapters"][3].update(name="a001")),
                         r"the bank lists adapter 'a001' twice; adapter names must be unique"),
 }

@@ -19,7 +19,7 @@ from compression.synthetic import PlantedSpec, planted_factors
 def collection(spec: PlantedSpec, scale=None) -> tuple[Collection, list[int]]:
     """The planted collection, adapter i's lora_B scaled by scale(group) when given."""
     As, Bs, groups = planted_factors(spec)
-    cfg = {"r": spec.r, "lora_alpha": spec.r, "target_modules": sorted({m for m, _, _ in spec.slots})}
+    cfg = {"r": spec.r, "lora_alpha": spec.r, "target_modules": sorted({m for m, _, _ in spec.modules})}
     adapters = []
     for i in range(spec.n):
         c = 1.0 if scale is None else scale(groups[i])
@@ -28,7 +28,7 @@ def collection(spec: PlantedSpec, scale=None) -> tuple[Collection, list[int]]:
 
 
 def dense_errors(bank: Bank, col: Collection) -> tuple[torch.Tensor, torch.Tensor]:
-    """Brute force, per adapter over all its slots: squared error ‖ΔW − ΔŴ‖² and ‖ΔW‖², float64."""
+    """Brute force, per adapter over all its targets: squared error ‖ΔW − ΔŴ‖² and ‖ΔW‖², float64."""
     err, norm = [], []
     for a in col.adapters:
         recon = bank.reconstruct(a.name)
@@ -44,7 +44,7 @@ def objective(bank: Bank, col: Collection) -> float:
 
 # --------------------------------------------------------------------------- convergence
 
-PLANTED_R32_K4 = PlantedSpec(n=40, slots=(("q_proj", 64, 64),), layers=1, r=8, shared_rank=8, groups=4, noise=0.05)
+PLANTED_R32_K4 = PlantedSpec(n=40, modules=(("q_proj", 64, 64),), layers=1, r=8, shared_rank=8, groups=4, noise=0.05)
 
 
 @pytest.mark.parametrize("method", ["jd-full", "jd-diag"])
@@ -59,7 +59,7 @@ def test_default_fit_converges_to_what_100_fixed_iterations_reach(method, tmp_pa
         assert objective(fixed[10], col) > 1.5 * objective(default, col)
 
     iterations, converged = default.history["iterations"], default.history["converged"]
-    assert set(iterations) == {s.name for s in col.slots} and all(len(v) == 4 for v in iterations.values())
+    assert set(iterations) == {s.name for s in col.targets} and all(len(v) == 4 for v in iterations.values())
     assert all(all(v) for v in converged.values())
     assert 0 < max(max(v) for v in iterations.values()) < DEFAULT_ITERS[method]
     h = torch.tensor(default.history["fit"])
@@ -72,7 +72,7 @@ def test_default_fit_converges_to_what_100_fixed_iterations_reach(method, tmp_pa
 # ----------------------------------------------------------------------------- weighting
 
 # Two planted groups of rank 4 whose adapters' norms differ by 100×; a rank-6 basis cannot hold both.
-TWO_SCALES = PlantedSpec(n=20, slots=(("q_proj", 32, 32), ("v_proj", 32, 16)), layers=1, r=4, shared_rank=4, groups=2, noise=0.01)
+TWO_SCALES = PlantedSpec(n=20, modules=(("q_proj", 32, 32), ("v_proj", 32, 16)), layers=1, r=4, shared_rank=4, groups=2, noise=0.01)
 
 
 @pytest.mark.parametrize(("method", "rank"), [("jd-full", 6), ("jd-diag", 12)])
@@ -102,7 +102,7 @@ def test_weighted_fit_is_the_fit_of_the_scaled_adapters(fit):
     scaled = fit(A, B * w.sqrt()[:, None, None], 4, iters=8, tol=0)
     torch.testing.assert_close(torch.tensor(weighted.history), torch.tensor(scaled.history), rtol=1e-4, atol=0)
     W = B @ A  # (n, d_out, d_in)
-    cores = weighted.sigma if weighted.sigma.dim() == 3 else torch.diag_embed(weighted.sigma)
+    cores = weighted.cores if weighted.cores.dim() == 3 else torch.diag_embed(weighted.cores)
     recon = weighted.U @ cores @ weighted.V.T
     # The cores and errors are those of the unscaled adapters; the history is the weighted objective.
     torch.testing.assert_close(weighted.errors, (W - recon).square().sum((1, 2)), rtol=1e-3, atol=1e-4)
@@ -112,7 +112,7 @@ def test_weighted_fit_is_the_fit_of_the_scaled_adapters(fit):
 # ------------------------------------------------------------------------------ clusters
 
 # One shared basis for everyone: no groups to find. The old nearest-seed assignment collapsed here.
-NO_GROUPS = PlantedSpec(n=100, slots=(("q_proj", 64, 64),), layers=1, r=4, shared_rank=4, groups=1, noise=0.1, seed=1)
+NO_GROUPS = PlantedSpec(n=100, modules=(("q_proj", 64, 64),), layers=1, r=4, shared_rank=4, groups=1, noise=0.1, seed=1)
 
 
 def balanced_split_objective(col: Collection, method: str, rank: int, K: int, seed: int) -> float:
@@ -121,7 +121,7 @@ def balanced_split_objective(col: Collection, method: str, rank: int, K: int, se
     assign = torch.empty(len(col), dtype=torch.long)
     assign[perm] = torch.arange(len(col)) % K
     err = norm = 0.0
-    for s in col.slots:
+    for s in col.targets:
         A, B = col.factors(s.name, "cpu")
         norm += float(jd.sq_norms(A, B).sum())
         for k in range(K):
@@ -136,7 +136,7 @@ def test_clusters_do_not_collapse_without_group_structure(method):
     n, K, rank = len(col), 4, 16
     floor = math.ceil(n / (4 * K))
     cfg = CompressConfig(method=method, rank=rank, clusters=K)
-    factors = {s.name: col.factors(s.name, "cpu") for s in col.slots}
+    factors = {s.name: col.factors(s.name, "cpu") for s in col.targets}
     norms = sum(jd.sq_norms(A, B) for A, B in factors.values())
     seeded = torch.bincount(_seed_distances(factors, norms, cfg, torch.Generator().manual_seed(0)).argmin(1), minlength=K)
     assert seeded.min() < floor  # non-vacuous: nearest-seed sizes collapse on this collection
@@ -154,7 +154,7 @@ def test_clusters_do_not_collapse_without_group_structure(method):
 
 @pytest.mark.parametrize(("method", "rank"), [("jd-full", 4), ("jd-diag", 12)])
 def test_clusters_find_planted_groups_of_unequal_sizes(method, rank):
-    spec = PlantedSpec(n=180, slots=(("q_proj", 40, 40), ("v_proj", 40, 20)), layers=1, r=4, shared_rank=4, groups=3, noise=0.01)
+    spec = PlantedSpec(n=180, modules=(("q_proj", 40, 40), ("v_proj", 40, 20)), layers=1, r=4, shared_rank=4, groups=3, noise=0.01)
     full, groups = collection(spec)
     keep = {0: 10, 1: 30, 2: 60}  # sizes; the floor ⌈100 / 12⌉ = 9 allows the smallest
     picked = [i for g, c in keep.items() for i in [j for j in range(spec.n) if groups[j] == g][:c]]

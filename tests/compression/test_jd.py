@@ -9,11 +9,11 @@ from compression import jd, linalg
 from compression.synthetic import PlantedSpec, planted_factors
 
 
-def stacked(spec: PlantedSpec, slot_index: int = 0):
-    """A (n, r, d_in), B (n, d_out, r) of one slot of a planted collection."""
+def stacked(spec: PlantedSpec, target_index: int = 0):
+    """A (n, r, d_in), B (n, d_out, r) of one target of a planted collection."""
     As, Bs, groups = planted_factors(spec)
-    slot = sorted(As[0])[slot_index]
-    return torch.stack([a[slot] for a in As]), torch.stack([b[slot] for b in Bs]), torch.tensor(groups)
+    target = sorted(As[0])[target_index]
+    return torch.stack([a[target] for a in As]), torch.stack([b[target] for b in Bs]), torch.tensor(groups)
 
 
 def random_factors(n, d_out, d_in, r, seed=0):
@@ -45,10 +45,10 @@ def solver(request, monkeypatch):
 
 
 def test_jd_full_recovers_planted_shared_basis(solver):
-    A, B, _ = stacked(PlantedSpec(n=40, slots=(("q_proj", 48, 40),), layers=1, r=4, shared_rank=6, noise=0.0))
+    A, B, _ = stacked(PlantedSpec(n=40, modules=(("q_proj", 48, 40),), layers=1, r=4, shared_rank=6, noise=0.0))
     fit = jd.jd_full(A, B, r=6, iters=20, generator=torch.Generator().manual_seed(0))
     W = dense(A, B)
-    rel = (W - fit.U @ fit.sigma @ fit.V.T).norm(dim=(1, 2)) / W.norm(dim=(1, 2))
+    rel = (W - fit.U @ fit.cores @ fit.V.T).norm(dim=(1, 2)) / W.norm(dim=(1, 2))
     assert W.norm(dim=(1, 2)).min() > 0.1  # non-vacuous: the adapters are far from zero
     assert rel.max() < 1e-5
     assert torch.allclose(fit.U.T @ fit.U, torch.eye(6), atol=1e-5)
@@ -59,7 +59,7 @@ def test_jd_full_error_vanishes_at_total_rank(solver):
     A, B = random_factors(n=5, d_out=24, d_in=20, r=3)  # total rank 15 per side
     fit = jd.jd_full(A, B, r=15, iters=3, generator=torch.Generator().manual_seed(0))
     W = dense(A, B)
-    torch.testing.assert_close(fit.U @ fit.sigma @ fit.V.T, W, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fit.U @ fit.cores @ fit.V.T, W, atol=1e-4, rtol=1e-4)
     assert fit.errors.sum() / W.square().sum() < 1e-10
 
 
@@ -70,9 +70,9 @@ def test_jd_full_objective_never_increases_and_cores_are_projections(solver):
     assert len(h) > 3 and h[-1] < h[0]  # it actually improved
     assert (h[1:] <= h[:-1] + 1e-6 * h[0]).all(), h
     W = dense(A, B)
-    torch.testing.assert_close(fit.sigma, fit.U.T @ W @ fit.V, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fit.cores, fit.U.T @ W @ fit.V, atol=1e-4, rtol=1e-4)
     # Reported errors equal the dense residuals.
-    dense_err = (W - fit.U @ fit.sigma @ fit.V.T).square().sum((1, 2))
+    dense_err = (W - fit.U @ fit.cores @ fit.V.T).square().sum((1, 2))
     torch.testing.assert_close(fit.errors, dense_err, rtol=1e-3, atol=1e-3)
 
 
@@ -161,7 +161,7 @@ def test_jd_diag_matches_brute_force_and_is_monotone():
     assert h[-1] < 0.99 * h[0]
     assert (h[1:] <= h[:-1] + 1e-6 * h[0]).all(), h
     W = dense(A, B)
-    recon = fit.U[None] * fit.sigma[:, None, :] @ fit.V.T
+    recon = fit.U[None] * fit.cores[:, None, :] @ fit.V.T
     torch.testing.assert_close(recon, U_ref[None] * s_ref[:, None, :] @ V_ref.T, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(fit.errors, (W - recon).square().sum((1, 2)), rtol=1e-3, atol=1e-3)
 

@@ -30,10 +30,10 @@ def test_load_folds_scaling_like_peft(tiny_llama_dir, tmp_path, case):
     layers = {n: m for n, m in model.named_modules() if hasattr(m, "get_delta_weight")}
     assert len(layers) == len(adapter.lora_A) > 0
     for name, layer in layers.items():
-        slot = name  # named_modules of the PeftModel: base_model.model.model.layers.0...
+        target = name  # named_modules of the PeftModel: base_model.model.model.layers.0...
         expected = layer.get_delta_weight("default").detach()
         assert expected.abs().max() > 1e-3  # non-vacuous
-        torch.testing.assert_close(adapter.delta(slot), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(adapter.delta(target), expected, rtol=1e-5, atol=1e-6)
     assert adapter.r == CASES[case]["r"]
 
 
@@ -60,8 +60,8 @@ def test_save_adapter_roundtrip_with_alpha(tmp_path):
     cfg = json.loads((tmp_path / "x" / "adapter_config.json").read_text())
     assert cfg["r"] == 3 and cfg["lora_alpha"] == 12.0
     back = load_adapter(tmp_path / "x")
-    slot = next(iter(A))
-    torch.testing.assert_close(back.delta(slot), B[slot] @ A[slot])
+    target = next(iter(A))
+    torch.testing.assert_close(back.delta(target), B[target] @ A[target])
     with pytest.raises(ValueError, match="already exists"):
         save_adapter(tmp_path / "x", A, B, {})
 
@@ -130,7 +130,7 @@ def test_collection_rejects_mismatched_shapes(tiny_llama_dir, tmp_path):
     cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     LlamaForCausalLM(cfg).save_pretrained(other)
     make_peft_adapter(other, tmp_path / "b", seed=5, r=2)
-    with pytest.raises(ValueError, match=r"adapter 'b' slot '.*q_proj' has shape \(out=48, in=48\) but adapter 'a' has \(out=32, in=32\)"):
+    with pytest.raises(ValueError, match=r"adapter 'b' target '.*q_proj' has shape \(out=48, in=48\) but adapter 'a' has \(out=32, in=32\)"):
         load_collection([tmp_path / "a", tmp_path / "b"])
 
 
@@ -146,17 +146,17 @@ def test_collection_warns_on_different_base_models(good_adapter, tmp_path):
     assert any("different base models" in str(w.message) for w in caught)
 
 
-def test_collection_unions_slots_with_zero_fill(tiny_llama_dir, tmp_path):
+def test_collection_unions_targets_with_zero_fill(tiny_llama_dir, tmp_path):
     make_peft_adapter(tiny_llama_dir, tmp_path / "qv", seed=6, r=2)
     make_peft_adapter(tiny_llama_dir, tmp_path / "qkv", seed=7, r=3, target_modules=["q_proj", "k_proj", "v_proj"])
     col = load_collection([tmp_path])
     assert col.names == ["qkv", "qv"]
-    assert len(col.slots) == 6
-    k_slot = next(s.name for s in col.slots if s.name.endswith("0.self_attn.k_proj"))
-    A, B = col.factors(k_slot)
+    assert len(col.targets) == 6
+    k_target = next(s.name for s in col.targets if s.name.endswith("0.self_attn.k_proj"))
+    A, B = col.factors(k_target)
     assert A.shape == (2, 3, 32) and B.shape == (2, 16, 3)
     assert (B[1] @ A[1]).abs().max() == 0  # "qv" does not adapt k_proj
-    torch.testing.assert_close(B[0] @ A[0], col.adapters[0].delta(k_slot))
+    torch.testing.assert_close(B[0] @ A[0], col.adapters[0].delta(k_target))
 
 
 def test_find_adapter_dirs(good_adapter, tmp_path):
@@ -211,16 +211,16 @@ def test_weights_that_overflow_once_scaled_or_multiplied_are_refused(good_adapte
     # r = 2: alpha 8 scales lora_B by 4 (1e38 -> inf in float32), alpha 2 by 1 (finite, but ΔW = B A is not).
     _set_config(good_adapter, lora_alpha=alpha)
     _fill_lora_B(good_adapter, value)
-    with pytest.raises(ValueError, match=r"slot '.*': .*could overflow float32; each norm and their product must be at most"):
+    with pytest.raises(ValueError, match=r"target '.*': .*could overflow float32; each norm and their product must be at most"):
         load_adapter(good_adapter)
 
 
 def test_float16_adapters_are_bounded_by_the_float16_range(tmp_path):
-    slot = "base_model.model.model.layers.0.self_attn.q_proj"
-    A, B = {slot: torch.full((2, 8), 16.0)}, {slot: torch.full((8, 2), 16.0)}  # |ΔW_ij| = 512: fits float16
+    target = "base_model.model.model.layers.0.self_attn.q_proj"
+    A, B = {target: torch.full((2, 8), 16.0)}, {target: torch.full((8, 2), 16.0)}  # |ΔW_ij| = 512: fits float16
     save_adapter(tmp_path / "ok", A, B, {"target_modules": ["q_proj"]}, dtype=torch.float16)
-    assert load_adapter(tmp_path / "ok").delta(slot).abs().max() == 512
-    B = {slot: torch.full((8, 2), 4000.0)}  # finite in float16, but ΔW_ij = 128000 > 65504
+    assert load_adapter(tmp_path / "ok").delta(target).abs().max() == 512
+    B = {target: torch.full((8, 2), 4000.0)}  # finite in float16, but ΔW_ij = 128000 > 65504
     save_adapter(tmp_path / "big", A, B, {"target_modules": ["q_proj"]}, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"could overflow float16; .* at most 6.55e\+04"):
         load_adapter(tmp_path / "big")
@@ -257,7 +257,7 @@ def test_config_values_are_checked(good_adapter, changes, message):
 
 def test_config_rank_must_match_the_tensors(good_adapter, tmp_path):
     _set_config(good_adapter, r=3)  # the tensors have rank 2
-    with pytest.raises(ValueError, match=r"slot '.*' has rank 2 \(lora_A \(2, 32\), lora_B \(.*, 2\)\) but adapter_config\.json gives it r = 3"):
+    with pytest.raises(ValueError, match=r"target '.*' has rank 2 \(lora_A \(2, 32\), lora_B \(.*, 2\)\) but adapter_config\.json gives it r = 3"):
         load_adapter(good_adapter)
     _set_config(good_adapter, r=2, rank_pattern={"q_proj": 4})
     with pytest.raises(ValueError, match=r"q_proj' has rank 2 .* gives it rank_pattern = 4"):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.chat import ChatSession, read_problem, read_transform
+from orchestrator.chat import read_problem, read_transform
 from orchestrator.executor import Executor
+from orchestrator.world import world_chat
 from skills.tasks import Transform, parse_answer
 
 KILOLORA = str(Path(sys.executable).with_name("kilolora"))
@@ -114,7 +115,7 @@ def test_chat_with_no_server_is_one_clear_error():
 
 @pytest.fixture(scope="module")
 def session():
-    return ChatSession.for_world()
+    return world_chat()
 
 
 def test_session_turns_keep_the_conversation_and_reset_forgets_it(session):

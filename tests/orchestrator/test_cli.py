@@ -26,7 +26,7 @@ def kilolora(*args, check=True, timeout=300) -> subprocess.CompletedProcess:
 
 
 def small_spec(**kw) -> PlantedSpec:
-    base = dict(n=12, slots=(("q_proj", 32, 32), ("v_proj", 32, 16)), layers=1, r=4, shared_rank=4, groups=3, noise=0.0)
+    base = dict(n=12, modules=(("q_proj", 32, 32), ("v_proj", 32, 16)), layers=1, r=4, shared_rank=4, groups=3, noise=0.0)
     base.update(kw)
     return PlantedSpec(**base)
 
@@ -44,7 +44,7 @@ def test_compress_info_export_add(tmp_path):
     kilolora("make-collection", "-o", tmp_path / "col", "--n", 60, "--groups", 3, "--hidden", 32, "--layers", 1, "--r", 4, "--shared-rank", 4, "--noise", 0)
     run = kilolora("compress", tmp_path / "col", "-o", tmp_path / "bank", "--rank", 4, "--clusters", 3, "--json")
     summary = json.loads(run.stdout)
-    assert summary["adapters"] == 60 and summary["clusters"] == 3 and summary["slots"] == 2
+    assert summary["adapters"] == 60 and summary["clusters"] == 3 and summary["targets"] == 2
     assert sorted(summary["cluster_sizes"]) == [20, 20, 20]
     assert summary["rel_error_max"] < 1e-4 and summary["params_saved"] > 0.7
     assert "fitting" in run.stderr  # the progress bar
@@ -57,11 +57,11 @@ def test_compress_info_export_add(tmp_path):
 
     kilolora("bank", "export", tmp_path / "bank", "adapter_0007", "-o", tmp_path / "exported")
     exported, original = load_adapter(tmp_path / "exported"), load_adapter(tmp_path / "col" / "adapter_0007")
-    for slot in original.lora_A:
-        torch.testing.assert_close(exported.delta(slot), original.delta(slot), rtol=1e-4, atol=1e-5)
+    for target in original.lora_A:
+        torch.testing.assert_close(exported.delta(target), original.delta(target), rtol=1e-4, atol=1e-5)
 
-    # make-collection's slots at --hidden 32: q_proj 32→32, v_proj 32→8.
-    write_planted(tmp_path / "more", small_spec(n=1, slots=(("q_proj", 32, 32), ("v_proj", 32, 8)), seed=99))
+    # make-collection's targets at --hidden 32: q_proj 32→32, v_proj 32→8.
+    write_planted(tmp_path / "more", small_spec(n=1, modules=(("q_proj", 32, 32), ("v_proj", 32, 8)), seed=99))
     added = kilolora("bank", "add", tmp_path / "bank", tmp_path / "more" / "adapter_0000", "--name", "newcomer")
     assert "newcomer" in added.stdout
     bank = Bank.load(tmp_path / "bank")
@@ -81,7 +81,7 @@ def test_thousand_adapters_save_95_percent(tmp_path):
 
 def _mismatched(tmp_path):
     write_planted(tmp_path / "in" / "a", small_spec(n=2))
-    write_planted(tmp_path / "in" / "b", small_spec(n=2, slots=(("q_proj", 48, 48), ("v_proj", 48, 16)), seed=1))
+    write_planted(tmp_path / "in" / "b", small_spec(n=2, modules=(("q_proj", 48, 48), ("v_proj", 48, 16)), seed=1))
     return [tmp_path / "in" / "a" / "adapter_0000", tmp_path / "in" / "b" / "adapter_0000"], "has shape"
 
 
@@ -115,7 +115,7 @@ def _missing(tmp_path):
 
 def _rank(tmp_path):
     write_planted(tmp_path / "in", small_spec(n=2))
-    return [tmp_path / "in", "--rank", 17], "rank 17 is larger than slot"
+    return [tmp_path / "in", "--rank", 17], "rank 17 is larger than target"
 
 
 @pytest.mark.parametrize("make_bad", [_mismatched, _corrupt, _nan, _pickle, _missing, _rank])

@@ -210,7 +210,7 @@ def _edit(fn):
 
 BAD_BANK_JSON = {
     "a list": (lambda m: [m], "bank.json: expected a JSON object, got a list"),
-    "no slots": (_edit(lambda m: m.pop("slots")), "bank.json: missing field 'slots'"),
+    "no targets": (_edit(lambda m: m.pop("targets")), "bank.json: missing field 'targets'"),
     "unknown entry field": (_edit(lambda m: m["adapters"][0].update(owner="me")), "adapters[0]: unknown field 'owner'; expected name,"),
     "missing entry field": (_edit(lambda m: m["adapters"][1].pop("cluster")), "adapters[1]: missing field 'cluster'"),
     "wrong type": (_edit(lambda m: m["adapters"][2].update(lora_alpha="8")), "adapters[2]: lora_alpha must be a finite number; got \"8\""),

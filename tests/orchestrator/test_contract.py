@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator import END, Append, Ask, Call, Executor, Fork, Generate, Graph, GraphError, Join, Rewind, Score, \
+from orchestrator import END, Append, Ask, Call, Fork, Generate, Graph, GraphError, Join, Rewind, Score, \
     State, Tool
 from orchestrator.graph import top
+from orchestrator.world import world_executor
 
 from .fake_backend import FakeBackend
 
@@ -23,25 +24,22 @@ class Counter(State):
 @pytest.fixture(scope="module")
 def http_executor(world_server):
     from orchestrator.http_backend import HttpBackend
-    from skills.world import World
 
     backend = HttpBackend(world_server + "/v1")
-    yield Executor(backend, {s.name: s for s in World.load().skills()})
+    yield world_executor(backend=backend)
     backend.shutdown()
 
 
 @pytest.fixture(params=["fake", "engine", "http"])
 def ex(request):
     if request.param == "fake":
-        from skills.world import World
-
-        return Executor(FakeBackend(), {s.name: s for s in World.load().skills()})
+        return world_executor(backend=FakeBackend())
     return request.getfixturevalue(f"{request.param}_executor")
 
 
 @pytest.fixture(scope="module")
 def engine_executor():
-    return Executor.for_world()
+    return world_executor()
 
 
 def _open_count(ex) -> int:
@@ -145,7 +143,7 @@ def test_tool_node_inserts_the_result_or_an_error_marker(ex):
 
     g = Graph(Calc, "tool")
     g.add("propose", Call(lambda s: {"call": f"[CALC]{s.prompt}[/CALC]"}))
-    g.add("tool", Tool(call="call"))
+    g.add("tool", Tool("calculator", call="call"))
     g.add("go", Generate(max_tokens=4))
     g.chain("propose", "tool", "go")
     run = ex.run(g, "37*49")
@@ -266,6 +264,37 @@ def test_runs_admitted_in_waves_give_the_same_results(ex):
     assert [r.text for r in waves] == [r.text for r in together] and _open_count(ex) == 0
 
 
+def test_a_node_may_run_another_graph_on_the_same_executor(ex):
+    """The executor keeps no run's state on itself: a Call node's function runs another graph on
+    the same executor mid-run (a sub-agent), and neither run sees the other. References: each
+    graph run on its own."""
+
+    class Outer(State):
+        inner: str = ""
+
+    inner = Graph(State, "inner")
+    inner.add("a", Generate(max_tokens=8))
+
+    def outer(fn) -> Graph:
+        g = Graph(Outer, "outer")
+        g.add("draft", Generate(stop=["."], max_tokens=12))
+        g.add("delegate", Call(fn))
+        g.add("more", Generate(max_tokens=6))
+        g.chain("draft", "delegate", "more")
+        return g
+
+    alone = ex.run(inner, "7*8+9", seed=5)
+    reference = ex.run(outer(lambda s: {"inner": alone.text}), "12*3+4", seed=2)
+    before = dict(vars(ex))
+    nested = ex.run(outer(lambda s: {"inner": ex.run(inner, "7*8+9", seed=5).text}), "12*3+4", seed=2)
+    assert nested.state.inner == alone.text and alone.text
+    assert nested.text == reference.text and nested.state.model_dump() == reference.state.model_dump()
+    assert [e["node"] for e in nested.trace.of("node")] == ["draft", "delegate", "more"]
+    assert len(nested.trace.of("run_start")) == 1 and {e["run"] for e in nested.trace.events} == {0}
+    assert vars(ex).keys() == before.keys() and all(vars(ex)[k] is v for k, v in before.items())
+    assert _open_count(ex) == 0
+
+
 def test_trace_renders_as_a_tree(ex):
     from rich.console import Console
 
@@ -274,7 +303,7 @@ def test_trace_renders_as_a_tree(ex):
 
     g = Graph(Calc, "render")
     g.add("propose", Call(lambda s: {"call": "[CALC]6*7[/CALC]"}))
-    g.add("tool", Tool(call="call"))
+    g.add("tool", Tool("calculator", call="call"))
     g.add("judge", Score("verifier"))
     g.chain("propose", "tool", "judge")
     run = ex.run(g, "6*7")

@@ -12,6 +12,7 @@ import torch
 from orchestrator import Executor, Fork, Generate, Graph, GraphError, Join, Score, State
 from orchestrator import demo as dm
 from orchestrator.graph import top
+from orchestrator.world import world_executor
 from skills import data
 from skills.evaluate import task_items, yes_no_scores
 from skills.tasks import Transform
@@ -31,7 +32,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def ex(world):
-    return Executor.for_world(world)
+    return world_executor(world)
 
 
 @pytest.fixture(scope="module")

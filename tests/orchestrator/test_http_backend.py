@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.backend import EngineBackend, GenRequest
+from orchestrator.backend import GenRequest
 from orchestrator.http_backend import HttpBackend, ServerError
+from orchestrator.world import world_backend
 from skills.world import World
 
 
@@ -19,7 +20,7 @@ def http(world_server):
 
 @pytest.fixture(scope="module")
 def local():
-    return EngineBackend.from_world()
+    return world_backend()
 
 
 def test_chat_prompts_match_the_in_process_template(http, local):
@@ -70,6 +71,34 @@ def test_streaming_adds_up_and_scoring_reads_top_logprobs(http):
     [score] = http.generate([GenRequest(f, "verifier", 1, logprobs=20)])
     assert len(score.top_logprobs) == 1 and {"y", "n"} <= set(score.top_logprobs[0])
     assert score.tokens.reused > 0  # the solution's whole blocks came from the server's prefix cache
+
+
+def test_scores_over_http_equal_the_in_process_scores(http, local):
+    """`score` sends the sequence and the continuation as one echoed prompt (`max_tokens: 0`) and
+    reads the continuation's prompt logprobs: the engine's numbers (the server's batch may sum in
+    another order: 1e-4, see tests/serving/test_server_scoring.py)."""
+    prompt = http.chat_prompt("37*49+12")
+    solution = "37*49=1813. 1813+12=1825. Answer: 1825"
+    for adapter, cont in [(None, solution), ("shift-3", solution), ("verifier", solution + "<|verify|>y")]:
+        s, q = http.open(prompt), local.open(prompt)
+        before = local.engine.tokens(q)
+        try:
+            got, want = http.score(s, cont, adapter), local.score(q, cont, adapter)
+            assert len(got) == len(want) == len(local.tokenizer.encode(cont, add_special_tokens=False))
+            assert got == pytest.approx(want, abs=1e-4)
+            assert http.text(s) == prompt and local.engine.tokens(q) == before  # left as they were
+            if adapter is not None:  # non-vacuous: the adapter changes the scores
+                assert max(abs(a - b) for a, b in zip(want, local.score(q, cont, None))) > 1e-2
+        finally:
+            http.close(s)
+            local.close(q)
+    empty, x = http.open(""), http.open("x")
+    with pytest.raises(ValueError, match="non-empty context"):
+        http.score(empty, "1")
+    with pytest.raises(ServerError, match="answered 404"):
+        http.score(x, "1", "nope")
+    for q in (empty, x):
+        http.close(q)
 
 
 def test_server_errors_are_one_line(http, world_server):

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from orchestrator import Executor
 from orchestrator import strategies as st
+from orchestrator.world import world_executor
 from skills import data
 from skills.tasks import problems
 
@@ -21,7 +21,7 @@ N = 60
 
 @pytest.fixture(scope="module")
 def ex():
-    return Executor.for_world()
+    return world_executor()
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,7 @@ def test_activated_adapter_matches_peft_and_reuses_the_prefix(world, std):
     engine.run([seq], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     ctx = engine.tokens(seq)
     [(scores, counters)] = engine.score_many([(seq, INVOKE + [7], "alora")])
-    assert counters.prefilled == len(INVOKE) + 1 and counters.cached == 0
+    assert counters.prefilled == len(INVOKE) + 1 and counters.reused == 0
     want = _peft_teacher_forced(peft_model, ctx + INVOKE + [7])[len(ctx) - 1:]
     torch.testing.assert_close(torch.tensor(scores), want, atol=2e-5, rtol=1e-4)
 
@@ -102,9 +102,9 @@ def test_activated_adapter_matches_peft_and_reuses_the_prefix(world, std):
     # from the prefix cache (full blocks keyed by tokens and adapter), except the last position.
     engine.load_adapter("std", std[0])
     [(first, counters)] = engine.score_many([(seq, [7], "std")])
-    assert counters.prefilled == len(ctx) and counters.cached == 0
+    assert counters.prefilled == len(ctx) and counters.reused == 0
     [(again, counters)] = engine.score_many([(seq, [7], "std")])
-    assert counters.cached == (len(ctx) - 1) // 4 * 4 and counters.prefilled == len(ctx) - counters.cached
+    assert counters.reused == (len(ctx) - 1) // 4 * 4 and counters.prefilled == len(ctx) - counters.reused
     assert first == again
 
 
@@ -215,7 +215,7 @@ def test_bank_of_many_clusters_equals_its_dense_export(world, tmp_path, method, 
 
 def test_engine_through_the_triton_kernels_matches_the_torch_path(world, tmp_path, monkeypatch):
     """What CUDA runs (no folding, Triton kernels), here under TRITON_INTERPRET=1, equals CPU."""
-    import serving.adapters as adapters_mod
+    import serving.lora_batch as lora_batch_mod
     from serving.kernels.bank_lora import bank_lora_triton
     from serving.kernels.dense_lora import dense_lora_triton
 
@@ -244,8 +244,8 @@ def test_engine_through_the_triton_kernels_matches_the_torch_path(world, tmp_pat
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(adapters_mod, "bank_lora", counted("bank", bank_lora_triton))
-    monkeypatch.setattr(adapters_mod, "dense_lora", counted("dense", dense_lora_triton))
+    monkeypatch.setattr(lora_batch_mod, "bank_lora", counted("bank", bank_lora_triton))
+    monkeypatch.setattr(lora_batch_mod, "dense_lora", counted("dense", dense_lora_triton))
     engine, adapters = build()
     got = engine.generate(prompts, adapter=adapters, params=params)
     assert calls["bank"] > 0 and calls["dense"] > 0
@@ -272,7 +272,44 @@ def test_unload_and_reload_under_the_same_name_never_serves_stale_cache(world, t
         engine.generate([prompt], adapter="task", params=params)
     engine.load_adapter("task", second)
     b = engine.generate([prompt], adapter="task", params=params)[0]
-    assert b.counters.cached == 0  # the old adapter's blocks are keyed by its uid, not its name
+    assert b.counters.reused == 0  # the old adapter's blocks are keyed by its uid, not its name
     fresh = Engine.from_pretrained(root / "base", kv_cache_tokens=512, block_size=4, adapters={"task": second})
     assert b.token_ids == fresh.generate([prompt], adapter="task", params=params)[0].token_ids
     assert [t.logprob for t in a.logprobs] != [t.logprob for t in b.logprobs]
+
+
+def test_replace_swaps_an_adapter_in_place_and_never_serves_its_old_cache(world, tmp_path):
+    """`replace=True` (the server's vLLM `load_inplace`) serves new weights under the same name with
+    a new uid; it is refused while a sequence uses the adapter, for a bank entry, and when the new
+    adapter is refused (the old one keeps serving)."""
+    root, _ = world
+    first, second = _random_adapters(tmp_path, 2, seed=13, modules=tuple(ALL_MODULES))
+    engine = Engine.from_pretrained(root / "base", kv_cache_tokens=512, block_size=4, adapters={"task": first})
+    prompt = list(range(3, 30))
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True)
+    a = engine.generate([prompt], adapter="task", params=params)[0]
+    with pytest.raises(ValueError, match="already loaded"):
+        engine.load_adapter("task", second)
+    seq = engine.open([3, 4], adapter="task")
+    with pytest.raises(ValueError, match="in use"):
+        engine.load_adapter("task", second, replace=True)
+    engine.close(seq)
+    old_uid = engine.registry.get("task").uid
+    info = engine.load_adapter("task", second, replace=True)
+    assert info.uid != old_uid and engine.adapters == ["task"]
+    b = engine.generate([prompt], adapter="task", params=params)[0]
+    assert b.counters.reused == 0  # blocks computed with the old weights are keyed by the old uid
+    fresh = Engine.from_pretrained(root / "base", kv_cache_tokens=512, block_size=4, adapters={"task": second})
+    want = fresh.generate([prompt], adapter="task", params=params)[0]
+    assert b.token_ids == want.token_ids and [t.logprob for t in a.logprobs] != [t.logprob for t in b.logprobs]
+    torch.testing.assert_close(torch.tensor([t.logprob for t in b.logprobs]),
+                               torch.tensor([t.logprob for t in want.logprobs]), atol=1e-5, rtol=1e-5)
+    engine.registry.max_lora_rank = 2
+    with pytest.raises(ValueError, match="max_lora_rank"):
+        engine.load_adapter("task", first, replace=True)
+    assert engine.registry.get("task").uid == info.uid
+    assert engine.generate([prompt], adapter="task", params=params)[0].token_ids == b.token_ids
+    engine.load_bank(compress(load_collection([str(d) for d in _random_adapters(tmp_path, 3, seed=14)]),
+                              CompressConfig(method="jd-full", rank=2, clusters=1)), prefix="bank/")
+    with pytest.raises(ValueError, match="bank entry"):
+        engine.load_adapter(engine.adapters[-1], first, replace=True)

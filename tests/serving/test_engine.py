@@ -33,8 +33,8 @@ def test_prefix_cache_serves_repeated_prompts(engine, model_dir):
     prompt = list(range(3, 30))  # 27 tokens = 6 full blocks of 4 + 3
     first = engine.generate([prompt], params=GREEDY)[0]
     second = engine.generate([prompt], params=GREEDY)[0]
-    assert first.counters.cached == 0 and first.counters.prefilled == 27
-    assert second.counters.cached == 24 and second.counters.prefilled == 3
+    assert first.counters.reused == 0 and first.counters.prefilled == 27
+    assert second.counters.reused == 24 and second.counters.prefilled == 3
     assert first.token_ids == second.token_ids == _fresh(model_dir, prompt).token_ids
     assert engine.blocks.num_used == 0
 
@@ -212,3 +212,33 @@ def test_equal_length_prefills_attend_together_as_if_alone(engine, model_dir):
         ref = alone.score(alone.open(ctx), cont)
         torch.testing.assert_close(torch.tensor(scores), torch.tensor(ref), atol=1e-5, rtol=1e-5)
     assert len({tuple(s) for s, _ in together}) == 4  # non-vacuous: the continuations differ
+
+
+def test_prefix_keys_are_sha256_chains_the_same_in_every_process():
+    """A full block's key is sha256 over its parent's key, its tokens and their adapter uids: the
+    same in another process (another PYTHONHASHSEED) and different for another adapter, parent or
+    order, where Python's tuple hash, the old key, collides by construction (hash(-1) == hash(-2))."""
+    import hashlib
+    import os
+    import struct
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from serving.blocks import ROOT_KEY, block_key
+
+    tokens, uids = [5, 9, 11, 3], [-1, -1, 0, 0]
+    first = block_key(None, tokens, uids)
+    second = block_key(first, [7, 7, 7, 7], [-1] * 4)
+    assert first == hashlib.sha256(ROOT_KEY + struct.pack("<9q", 4, *tokens, *uids)).digest()
+    code = ("from serving.blocks import block_key; a = block_key(None, [5, 9, 11, 3], [-1, -1, 0, 0]); "
+            "print(a.hex(), block_key(a, [7] * 4, [-1] * 4).hex())")
+    for seed in ("0", "4242"):
+        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, check=True,
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+        assert out.stdout.split() == [first.hex(), second.hex()]
+    others = [block_key(None, tokens, [-1, -1, 1, 1]), block_key(None, tokens, [-1] * 4),
+              block_key(second, tokens, uids), block_key(None, tokens[::-1], uids), block_key(None, tokens[:2], uids[:2])]
+    assert len({first, second, *others}) == 7
+    assert hash((None, (5,), (-1,))) == hash((None, (5,), (-2,)))
+    assert block_key(None, [5], [-1]) != block_key(None, [5], [-2])

@@ -83,15 +83,14 @@ def test_non_finite_logits_fail_their_row_only(engine, monkeypatch):
             out[rows_of["plan"].index(poisoned)] = float("nan")
         return out
 
-    import serving.scheduler as sched
-    real_execute = sched._execute
+    real_execute = engine.scheduler._execute
 
-    def execute(e, plan):
+    def execute(plan):
         rows_of["plan"] = [s.id for s, start, end in plan if end == len(s.tokens)]
-        return real_execute(e, plan)
+        return real_execute(plan)
 
     monkeypatch.setattr(engine.model, "logits", logits)
-    monkeypatch.setattr(sched, "_execute", execute)
+    monkeypatch.setattr(engine.scheduler, "_execute", execute)
     try:
         out = engine.run(seqs, [SamplingParams(temperature=0, max_tokens=40)] * 4)
     finally:

@@ -106,3 +106,46 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
     (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="never unpickled"):
         Engine.from_pretrained(tmp_path)
+
+
+def test_extra_outputs_reach_the_hook_and_leave_the_model_unchanged(tmp_path):
+    """`add_extra_outputs` appends rows to a fused weight (a registry folds a shared basis so):
+    both forwards hand `x @ W.T` of those rows to the LoRA hook as `extra`, and their hidden states
+    are the base model's."""
+    from serving.model import AttnGroup, ForwardBatch, KVCache, load_model
+
+    make_tiny_model(tmp_path, seed=5)
+    model = load_model(tmp_path)
+    engine = Engine(load_model(tmp_path), kv_cache_tokens=64, block_size=4)
+    tokens = torch.tensor([[5, 9, 11, 3, 20]])
+    base_train = model.forward_train(tokens)
+    ids = list(range(5, 12))
+    seq = engine.open(ids[:1])
+    base_scores = engine.score(seq, ids[1:])
+    torch.manual_seed(0)
+    extra_w = {(0, "qkv"): torch.randn(3, 32), (1, "down"): torch.randn(2, 64)}
+    for (layer, group), w in extra_w.items():
+        for m in (model, engine.model):
+            assert m.add_extra_outputs(layer, group, w) == w.numel() * 4
+    seen = {}
+
+    def hook(layer, group, x, y, extra):
+        if (layer, group) in extra_w:
+            seen[(layer, group)] = (x.clone(), extra.clone())
+        else:
+            assert extra is None
+
+    torch.testing.assert_close(model.forward_train(tokens, hook), base_train, atol=1e-6, rtol=1e-5)
+    for key, (x, extra) in seen.items():
+        torch.testing.assert_close(extra, x @ extra_w[key].T, atol=1e-5, rtol=1e-5)
+    assert set(seen) == set(extra_w)
+    torch.testing.assert_close(torch.tensor(engine.score(seq, ids[1:])), torch.tensor(base_scores), atol=1e-6, rtol=1e-5)
+    cache = KVCache(model.config, 4, 4, model.dtype, model.device)
+    one = AttnGroup(torch.tensor([[0]]), torch.tensor([[0]]), {None: torch.ones(1, 1, 1, 1, dtype=torch.bool)}, True)
+    seen.clear()
+    model.forward(ForwardBatch(torch.tensor([5]), torch.tensor([0]), torch.tensor([0]), [one]), cache, hook)
+    assert set(seen) == set(extra_w)
+    with pytest.raises(ValueError, match="group"):
+        model.add_extra_outputs(0, "qkvz", torch.randn(1, 32))
+    with pytest.raises(ValueError, match=r"\(R, 64\)"):
+        model.add_extra_outputs(0, "down", torch.randn(1, 32))

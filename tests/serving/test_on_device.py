@@ -129,7 +129,7 @@ def test_mixed_batch_equals_each_sequence_alone(world, tmp_path, method, cluster
 def test_engine_through_triton_matches_torch_path(world, tmp_path, monkeypatch, dtype):
     """The same engine on the device, its adapter layers through the Triton kernels, then through
     the torch path (nothing folded): equal tokens (fp32) and close log-probabilities."""
-    import serving.adapters as adapters_mod
+    import serving.lora_batch as lora_batch_mod
     from serving.kernels.bank_lora import bank_lora_torch, bank_lora_triton
     from serving.kernels.dense_lora import dense_lora_torch, dense_lora_triton
 
@@ -147,8 +147,8 @@ def test_engine_through_triton_matches_torch_path(world, tmp_path, monkeypatch, 
         return wrapper
 
     def run(bank_fn, dense_fn):
-        monkeypatch.setattr(adapters_mod, "bank_lora", counted("bank", bank_fn))
-        monkeypatch.setattr(adapters_mod, "dense_lora", counted("dense", dense_fn))
+        monkeypatch.setattr(lora_batch_mod, "bank_lora", counted("bank", bank_fn))
+        monkeypatch.setattr(lora_batch_mod, "dense_lora", counted("dense", dense_fn))
         engine = _engine(world, dtype)
         engine.registry.fold = False
         names = [e.name for e in engine.load_bank(bank)]

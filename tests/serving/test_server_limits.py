@@ -9,7 +9,7 @@ import time
 import httpx2 as httpx
 import pytest
 
-from serving.server import ServerLimits, create_app
+from serving.openai.api_server import ServerLimits, create_app
 from skills.world import World
 from tests.helpers import free_port
 

@@ -26,7 +26,7 @@ from compression.bank import Bank
 from serving import SamplingParams
 from skills.world import World
 from tests.helpers import kilolora_server
-from tests.serving.test_server import PROBLEM, assert_error, engine, render, settled, sse, tok  # noqa: F401 - fixtures
+from tests.serving.server_helpers import PROBLEM, assert_error, render, settled, sse
 
 WORLD = World.load()
 KEY = "sk-test-0123456789"
@@ -314,7 +314,7 @@ def test_nan_and_infinity_literals_are_not_json(http):
 
 
 def test_responses_are_strict_json():
-    from serving.server import dumps
+    from serving.openai.boundary import dumps
 
     text = dumps({"logprob": float("-inf"), "top": [float("inf"), float("nan"), 1.5]})
     assert json.loads(text) == {"logprob": -9999.0, "top": [9999.0, None, 1.5]}

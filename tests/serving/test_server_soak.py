@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
 
-from tests.serving.test_server import PROBLEM, settled
+from tests.serving.server_helpers import PROBLEM, settled
 
 CLIENTS, REQUESTS, DEADLINE_S = 64, 320, 50.0
 POISON = [  # each must be refused with a 4xx, never take down another request

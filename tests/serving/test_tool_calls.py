@@ -1,5 +1,5 @@
 """Tool-call formats: how conversations with tool calls are rendered for the model and how calls
-are read back (the server's end-to-end round trip is in test_server.py)."""
+are read back (the server's end-to-end round trip is in test_server_tools.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from serving.openai_protocol import APIError, ChatRequest, Message
-from serving.tool_calls import HermesTools, MarkupTools, dispatch_tool_format
+from serving.openai.protocol import APIError, ChatRequest, Message
+from serving.openai.tool_formats import HermesTools, MarkupTools, dispatch_tool_format
 
 CALC = [{"type": "function", "function": {"name": "calculator", "parameters": {
     "type": "object", "properties": {"expression": {"type": "string"}}}}}]
@@ -80,16 +80,49 @@ def test_markup_parses_a_call_and_checks_what_a_request_may_ask():
     assert call.id.startswith("call_") and fmt.parse("[CALC]6*7[/CALC]").arguments == '{"expression": "6*7"}'
     assert fmt.parse("no call here") is None
     req = ChatRequest(model="base", messages=[{"role": "user", "content": "x"}], tools=CALC)
-    assert fmt.check(req.tools, "auto") and fmt.check(req.tools, "required")
-    assert fmt.check(req.tools, "function:calculator")
-    assert not fmt.check(req.tools, "none") and not fmt.check(None, "auto")
-    other = ChatRequest(model="base", messages=[{"role": "user", "content": "x"}],
-                        tools=[{"type": "function", "function": {"name": "search"}}]).tools
-    assert not fmt.check(other, "auto")  # a model that chooses not to call tools it cannot use
-    with pytest.raises(APIError, match="can only call the function 'calculator'"):
-        fmt.check(other, "required")
-    with pytest.raises(APIError, match="not 'search'"):
-        fmt.check(req.tools + other, "function:search")
+    for choice in ("auto", "required", "function:calculator"):
+        bound = fmt.bind(req.tools, choice)
+        assert (bound.function, bound.argument, bound.open) == ("calculator", "expression", "[CALC]")
+    assert fmt.bind(req.tools, "none") is None and fmt.bind(None, "auto") is None
+
+
+def _tools(*specs) -> list:
+    """Declared tools from (name, parameters) pairs."""
+    return ChatRequest(model="base", messages=[{"role": "user", "content": "x"}],
+                       tools=[{"type": "function", "function": {"name": n, "parameters": p}} for n, p in specs]).tools
+
+
+def _one(name: str, kind: str = "string") -> dict:
+    return {"type": "object", "properties": {name: {"type": kind}}, "required": [name]}
+
+
+def test_markup_calls_go_out_under_the_declared_tool():
+    """The markup's one string argument maps onto the tool the client declared, its name and its
+    parameter whatever they are called; a set the markup cannot serve is a 400 that says why."""
+    fmt = MarkupTools()
+    calc = fmt.bind(_tools(("calc", _one("expr"))), "auto")
+    assert (calc.function, calc.argument) == ("calc", "expr")
+    call = calc.parse("[CALC]37*49")
+    assert call.name == "calc" and json.loads(call.arguments) == {"expr": "37*49"}
+    msgs, _ = calc.render(_msgs({"role": "user", "content": "37*49"},
+                                {"role": "assistant", "tool_calls": [{"id": "a", "type": "function", "function": {
+                                    "name": "calc", "arguments": json.dumps({"expr": "37*49"})}}]},
+                                {"role": "tool", "tool_call_id": "a", "content": "1813"}))
+    assert msgs[-1]["content"] == "[CALC]37*49[/CALC]=1813"
+    # the one named like the format's function wins over others that fit; tool_choice picks any that fits
+    both = _tools(("calc", _one("expr")), ("calculator", _one("expression")), ("weather", _one("city")))
+    assert fmt.bind(both, "auto").function == "calculator" and fmt.bind(both, "function:weather").argument == "city"
+    refused = [(_tools(("search", None)), "auto", "none of the declared tools"),
+               (_tools(("add", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}})),
+                "required", "exactly one string parameter"),
+               (_tools(("count", _one("n", "integer"))), "auto", "exactly one string parameter"),
+               (_tools(("calc", _one("expr")), ("weather", _one("city"))), "auto", "name one with tool_choice"),
+               (both + _tools(("search", None)), "function:search", "'search' does not take exactly one string"),
+               (both, "function:missing", "not among the declared tools")]
+    for tools, choice, why in refused:
+        with pytest.raises(APIError, match=why) as err:
+            fmt.bind(tools, choice)
+        assert err.value.status == 400 and err.value.param in ("tools", "tool_choice")
 
 
 QWEN_LIKE = (
@@ -112,6 +145,24 @@ def test_hermes_reads_tool_call_blocks_and_leaves_plain_text_alone():
     assert fmt.split("<tool_call>{\"name\": \"f\", \"arguments\": {}}")[1][0].name == "f"  # cut off at max_tokens
 
 
+
+def test_hermes_calls_are_validated_against_the_declared_schemas():
+    fmt = HermesTools().bind(_tools(("calculator", _one("expression")), ("weather", {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1}},
+        "required": ["city"], "additionalProperties": False})), "auto")
+    block = '<tool_call>{{"name": "{}", "arguments": {}}}</tool_call>'.format
+    good = [block("calculator", '{"expression": "2+2"}'), block("weather", '{"city": "Oslo", "days": 2}')]
+    bad = [block("weather", '{"days": 2}'), block("weather", '{"city": "Oslo", "days": 0}'),
+           block("weather", '{"city": "Oslo", "wind": 1}'), block("search", '{"q": "x"}'),
+           block("calculator", '{"expression": 4}')]
+    content, calls = fmt.split("ok " + "".join(good + bad))
+    assert content == "ok" and [c.name for c in calls] == ["calculator", "weather"]
+    assert fmt.split("".join(bad)) == ("".join(bad), [])  # nothing valid: the text stays text
+    with pytest.raises(APIError, match="not a valid JSON schema") as err:
+        HermesTools().bind(_tools(("f", {"type": "object", "properties": {"a": {"type": "nonsense"}}})), "auto")
+    assert err.value.param == "tools"
+
+
 def test_hermes_renders_calls_and_tools_through_the_model_template(tmp_path):
     from transformers import AutoTokenizer
 
@@ -130,7 +181,7 @@ def test_hermes_renders_calls_and_tools_through_the_model_template(tmp_path):
     assert '<tool_call>{"name": "calculator", "arguments": {"expression": "2+2"}}</tool_call>' in text
     assert text.startswith('<tools>{"type": "function"') and text.endswith("<|tool|>4<|end|><|assistant|>")
     with pytest.raises(APIError, match="not supported with the hermes format"):
-        fmt.check(None, "required")
+        fmt.bind(None, "required")
 
 
 def test_dispatch_picks_a_format_or_says_what_exists(tmp_path):

@@ -192,7 +192,7 @@ def test_cli_errors_are_one_line(quick_world, tmp_path, capsys, monkeypatch):
     assert "no uncompressed adapters" in _cli(capsys, "--world", bare, "--out", tmp_path / "o1")
     out = tmp_path / "o2"
     err = _cli(capsys, "--world", w, "--grid", "jd-full:2:1,jd-full:999:1", "--out", out)
-    assert "candidate jd-full:999:1" in err and "larger than slot" in err
+    assert "candidate jd-full:999:1" in err and "larger than target" in err
     assert not list(out.iterdir())  # refused before any fit or scoring
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     assert "pip install 'kilolora[plots]'" in _cli(capsys, "--world", w, "--out", tmp_path / "o3")

@@ -7,10 +7,15 @@ A `ToolFormat` is chosen per served model (`dispatch_tool_format`):
   after it, `=1813`, inside the same assistant turn (the embedded world's format: its solutions
   read `[CALC]37*49[/CALC]=1813.`). It maps to one function with one string argument
   (`calculator(expression)`). A model may write the markup itself, or an activated *proposer*
-  adapter (the world's tool selector) is asked at each step boundary whether to call.
+  adapter (the world's tool selector) is asked at each step boundary whether to call. The call
+  goes out under the tool the *client* declared (`bind`): its name and its one string parameter,
+  whatever they are called (a calculator taking `expr`, a tool named `calc`); a declared tool set
+  the markup cannot serve is refused with a 400 that says why.
 - `HermesTools`: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Hermes, Qwen2.5
   and most tool-tuned chat models); tools, calls and results are rendered by the model's own chat
-  template, as vLLM's `hermes` parser expects.
+  template, as vLLM's `hermes` parser expects. A call's arguments are validated against the
+  declared tool's JSON schema (`jsonschema`); a block that names no declared tool or does not
+  validate stays text, as a model's malformed call would.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from .openai_protocol import APIError, Message
+from .protocol import APIError, Message
 
 
 def call_id() -> str:
@@ -47,6 +52,9 @@ class MarkupTools:
     open: str = "[CALC]"
     close: str = "[/CALC]"
     result_prefix: str = "="
+    result_suffix: str = ""
+    """written after a tool result when the format's results end a step (the world's: `. `): the
+    model's continuation then starts the next step, not with the step's stray punctuation"""
     proposer: str | None = None
     """an activated adapter that writes `{open}arg{close}` (or nothing) after `invocation`"""
     invocation: str = ""
@@ -63,19 +71,36 @@ class MarkupTools:
         return {"format": self.name, "function": self.function, "argument": self.argument,
                 "proposer": self.proposer}
 
-    def check(self, tools: list, choice: str) -> bool:
-        """Whether this request may call our function (errors for a choice we cannot honour)."""
-        names = [t.function.name for t in tools or []]
+    def bind(self, tools: list | None, choice: str) -> MarkupTools | None:
+        """This format with the declared tool it calls (its name and its one string parameter), or
+        None when the request calls no tool. The markup holds one string argument, so the tool is
+        the declared one whose parameters are exactly one string (required or not): the named
+        one under `tool_choice`, else the one named like this format's function, else the only one
+        that fits. A declared set with none that fits, or several and no choice, is a 400."""
+        tools = tools or []
+        names = [t.function.name for t in tools]
         if choice == "none" or not names:
-            return False
-        if self.function not in names:
-            if choice == "auto":
-                return False  # like a model that chooses not to call any of the tools it was given
-            raise APIError(400, f"this model can only call the function {self.function!r}; "
-                                f"the request offers {names}", param="tools")
-        if choice.startswith("function:") and choice != "function:" + self.function:
-            raise APIError(400, f"this model can only call {self.function!r}, not {choice[9:]!r}", param="tool_choice")
-        return True
+            return None
+        fits = {t.function.name: p for t in tools if (p := _one_string(t.function.parameters)) is not None}
+        if choice.startswith("function:"):
+            name = choice[9:]
+            if name not in names:
+                raise APIError(400, f"tool_choice names {name!r}, which is not among the declared tools {names}",
+                               param="tool_choice")
+            if name not in fits:
+                raise APIError(400, f"this model writes a call as {self.open}text{self.close}: one string argument; "
+                                    f"the tool {name!r} does not take exactly one string parameter", param="tool_choice")
+        elif self.function in fits:
+            name = self.function
+        elif len(fits) == 1:
+            [name] = fits
+        elif not fits:
+            raise APIError(400, f"this model writes a call as {self.open}text{self.close}: one string argument; none of "
+                                f"the declared tools {names} takes exactly one string parameter", param="tools")
+        else:
+            raise APIError(400, f"this model calls one tool and several declared tools fit it ({sorted(fits)}); "
+                                f"name one with tool_choice", param="tools")
+        return replace(self, function=name, argument=fits[name])
 
     def render(self, messages: list[Message]) -> tuple[list[dict], bool]:
         """Plain {role, content} messages; tool calls and their results are folded into the assistant
@@ -89,7 +114,7 @@ class MarkupTools:
                     raise APIError(400, f"messages[{i}]: tool_call_id {m.tool_call_id!r} answers no tool call "
                                         f"of the assistant message before it", param=f"messages.{i}.tool_call_id")
                 pending.pop(m.tool_call_id)
-                out[-1]["content"] += self.result_prefix + m.text
+                out[-1]["content"] += self.result_prefix + m.text + self.result_suffix
                 continue
             if pending:
                 raise APIError(400, f"messages[{i}]: tool calls {sorted(pending)} have no tool message answering "
@@ -148,11 +173,25 @@ class HermesTools:
     def describe(self) -> dict:
         return {"format": self.name}
 
-    def check(self, tools: list, choice: str) -> bool:
+    schemas: dict[str, dict] = field(default_factory=dict)
+    """the declared tools' parameter schemas, by name (set per request by `bind`)"""
+
+    def bind(self, tools: list | None, choice: str) -> HermesTools | None:
+        """This format with the request's declared tools (their schemas validate the calls), or
+        None when the request calls no tool."""
         if choice in ("required",) or choice.startswith("function:"):
             raise APIError(400, f"tool_choice {choice!r} is not supported with the hermes format; use 'auto'",
                            param="tool_choice")
-        return choice != "none" and bool(tools)
+        if choice == "none" or not tools:
+            return None
+        schemas = {t.function.name: t.function.parameters or {"type": "object"} for t in tools}
+        for name, schema in schemas.items():
+            try:
+                _validator(schema)
+            except Exception as err:  # jsonschema's SchemaError, or a schema it cannot build a validator for
+                raise APIError(400, f"the parameters of tool {name!r} are not a valid JSON schema: "
+                                    f"{str(err).splitlines()[0][:200]}", param="tools") from None
+        return replace(self, schemas=schemas)
 
     def render(self, messages: list[Message]) -> tuple[list[dict], bool]:
         out = []
@@ -178,10 +217,41 @@ class HermesTools:
                 continue
             if isinstance(obj, dict) and isinstance(obj.get("name"), str):
                 args = obj.get("arguments", {})
-                calls.append(Call(obj["name"], args if isinstance(args, str) else json.dumps(args)))
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args)
+                    except json.JSONDecodeError:
+                        continue
+                if self.schemas and not self._valid(obj["name"], args):
+                    continue  # an undeclared tool, or arguments its schema refuses: not a call
+                calls.append(Call(obj["name"], json.dumps(args)))
         if not calls:
             return text, []
         return text.split(self.open, 1)[0].rstrip(), calls
+
+
+    def _valid(self, name: str, args) -> bool:
+        schema = self.schemas.get(name)
+        return schema is not None and _validator(schema).is_valid(args)
+
+
+def _one_string(parameters: dict | None) -> str | None:
+    """The name of the one parameter of a JSON schema of exactly one string property, else None."""
+    if not isinstance(parameters, dict) or parameters.get("type", "object") != "object":
+        return None
+    props = parameters.get("properties")
+    if not isinstance(props, dict) or len(props) != 1:
+        return None
+    [(name, spec)] = props.items()
+    return name if isinstance(spec, dict) and spec.get("type") == "string" else None
+
+
+def _validator(schema: dict):
+    import jsonschema
+
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 def _json_or_text(s: str):
