@@ -125,7 +125,9 @@ run_step() {
   if [ "$status" != passed ]; then tail -n 15 "$W/step$n.log" | sed 's/^/    | /'; fi
 }
 
-PYTEST="\"$PY\" -m pytest -q -p no:cacheprovider -rfE"
+# no langsmith: its pytest plugin (installed with langchain-openai, a dev extra) imports pydantic,
+# which the steps do not need
+PYTEST="\"$PY\" -m pytest -q -p no:cacheprovider -p no:langsmith_plugin -rfE"
 KTESTS="tests/serving/test_kernels.py tests/serving/test_on_device.py::test_engine_through_triton_matches_torch_path"
 run_step 1 "kernel tests" "torch triton pytest transformers tokenizers safetensors" \
   "$PYTEST --junitxml='$W/step1.xml' $KTESTS"

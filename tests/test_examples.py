@@ -31,7 +31,7 @@ def test_serve_adapters_example():
     rows = {line.split(":")[0].strip(): line.split(":")[1] for line in out.splitlines() if line.startswith(" ")}
     # The dense PEFT adapter and its compressed twin in the bank generate the same tokens; base differs.
     assert rows["dense_7"] == rows["adapter_0007"] != rows["base"]
-    assert out.count("'prefilled': 1, 'cached': 0, 'decoded': 6") == 4  # forks share the prompt
+    assert out.count("'prefilled': 1, 'reused': 0, 'decoded': 6") == 4  # forks share the prompt
 
 
 def test_world_skills_example():

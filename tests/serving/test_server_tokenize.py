@@ -15,7 +15,8 @@ def test_special_tokens_in_messages_are_refused_and_tokenize_renders_like_chat(h
     msgs = [{"role": "user", "content": "2*3+1"}, {"role": "assistant", "content": "", "tool_calls": [call]},
             {"role": "tool", "tool_call_id": "c1", "content": "6"}]
     r = http.post("/tokenize", json={"messages": msgs}).json()
-    assert r["prompt"] == "<bos><|user|>2*3+1<|end|><|assistant|>[CALC]2*3[/CALC]=6"  # the turn goes on
+    # the turn goes on after the result, which ends its step (issue 18: no stray `. ` in the reply)
+    assert r["prompt"] == "<bos><|user|>2*3+1<|end|><|assistant|>[CALC]2*3[/CALC]=6. "
     assert r["tokens"] == tok.encode(r["prompt"], add_special_tokens=False) and r["count"] == len(r["tokens"])
     assert http.post("/detokenize", json={"tokens": r["tokens"]}).json()["prompt"] == r["prompt"]
     plain = http.post("/tokenize", json={"messages": msgs[:1], "add_generation_prompt": False}).json()
