@@ -28,6 +28,8 @@ class _Stream:
     queue: asyncio.Queue
     every: bool = True
     """deliver every delta (streaming), or only the finished one"""
+    first_token_at: float | None = None
+    """`time.monotonic()` of the job's first delta with tokens"""
 
 
 class EngineDied(RuntimeError):
@@ -204,7 +206,10 @@ class AsyncEngine:
                 st = self._streams.get(d.seq)
                 if st is None:
                     continue
+                if st.first_token_at is None and d.token_ids:
+                    st.first_token_at = time.monotonic()
                 if d.finished is not None:
+                    d.first_token_at = st.first_token_at
                     self._streams.pop(d.seq)
                     self.engine.wait([d.seq])  # returns at once: clears the finished job
                 elif not st.every:

@@ -168,6 +168,50 @@ class Transformer:
 
         return self._decoder(self.embed[tokens], cos, sin, attend, lora)  # (B, T, D)
 
+    def forward_train_from(self, prefix: torch.Tensor, prefix_len: torch.Tensor, suffix: torch.Tensor,
+                           lora: LoraHook | None = None) -> torch.Tensor:
+        """Hidden states (B, S, D) of each sequence's suffix after its prefix, differentiable w.r.t.
+        what `lora` adds to the suffix only: what `forward_train` computes at those positions for an
+        activated adapter covering exactly the suffix, without its backward through the prefix.
+        The prefix (B, P), right-padded to `prefix_len` (B,), runs once with the base alone and no
+        graph (its keys and values are all the suffix reads); `suffix` (B, S) is right-padded."""
+        c = self.config
+        b, p = prefix.shape
+        s = suffix.shape[1]
+        if any(w is not None for w in c.sliding_windows):
+            raise ValueError("forward_train_from does not implement sliding-window attention")
+        if not (prefix_len.min() >= 1 and prefix_len.max() <= p):
+            raise ValueError(f"prefix lengths must be in 1..{p}, got {prefix_len.tolist()}")
+        cos, sin = self._rope_tables(torch.arange(p, device=self.device))
+        cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]  # (P, 1, hd)
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def capture(layer, q, k, v):  # the prefix: causal, as forward_train; right padding is never read
+            kv.append((k, v))
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=True)
+            return a.transpose(1, 2).reshape(b, p, c.q_size)
+
+        with torch.no_grad():
+            self._decoder(self.embed[prefix], cos, sin, capture, None)
+        dev = self.device
+        pos = prefix_len.to(dev)[:, None] + torch.arange(s, device=dev)[None, :]  # (B, S)
+        cs, sn = self._rope_tables(pos.flatten())
+        cs = torch.cat([cs, cs], -1).view(b, s, 1, -1)
+        sn = torch.cat([sn, sn], -1).view(b, s, 1, -1)  # (B, S, 1, hd)
+        own = (torch.arange(p, device=dev)[None, :] < prefix_len.to(dev)[:, None])[:, None, None, :]  # (B,1,1,P)
+        causal = torch.ones(s, s, dtype=torch.bool, device=dev).tril()[None, None]  # (1, 1, S, S)
+        mask = torch.cat([own.expand(b, 1, s, p), causal.expand(b, 1, s, s)], -1)  # (B, 1, S, P + S)
+
+        def attend(layer, q, k, v):  # the suffix's queries over its prefix's keys and its own, causally
+            kp, vp = kv[layer]
+            keys, values = torch.cat([kp, k], 1), torch.cat([vp, v], 1)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                               attn_mask=mask, enable_gqa=True)
+            return a.transpose(1, 2).reshape(b, s, c.q_size)
+
+        return self._decoder(self.embed[suffix], cs, sn, attend, lora)  # (B, S, D)
+
     def _decoder(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
                  lora: LoraHook | None) -> torch.Tensor:
         """The decoder layers and the final norm over hidden states h (..., D), the one loop both

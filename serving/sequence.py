@@ -45,6 +45,9 @@ class Delta:
     text: str
     logprobs: list[TokenLogprob] | None = None
     finished: Completion | None = None
+    first_token_at: float | None = None
+    """`time.monotonic()` when the job's first token came out (set by `AsyncEngine` on the
+    finishing delta, streamed or not: the server's time to first token for whole responses)"""
 
 
 @dataclass

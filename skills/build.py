@@ -87,6 +87,10 @@ class BuildConfig:
     wrong digit (the rest: the base's own samples)"""
     adapter_lr: float = 4e-3
     """adapters' peak learning rate"""
+    split_activated: bool = False
+    """train activated examples (skills, per-task verifiers) on their invoked tokens only, their
+    base prefix run without a graph (`lora_loss(split_activated=True)`: the same loss and gradients
+    to float rounding, cheaper). The shipped world predates it (False keeps its build bit for bit)"""
     r: int = 2
     """LoRA rank of every adapter (all seven projections). At rank 16 use lora_alpha 8 (alpha /
     sqrt(r) = 2): alpha / r = 2 learns worse (`benchmarks/bench_lora_rank.py`: 0.794 vs 0.931)"""
@@ -261,7 +265,8 @@ def train_adapters(base_dir: Path, tok, samples: list[data.Sample], cfg: BuildCo
 
     def loss(batches):
         skills, tasks = batches
-        ls, lt = lora_loss(model, multi, skills, pad), lora_loss(model, multi, tasks, pad)
+        split = cfg.split_activated
+        ls, lt = lora_loss(model, multi, skills, pad, split), lora_loss(model, multi, tasks, pad, split)
         parts.append((float(ls.detach()), float(lt.detach())))
         return ls + lt
 

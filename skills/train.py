@@ -311,8 +311,37 @@ def _token_mean(chunks, chunk_loss) -> torch.Tensor:
     return sum(chunk_loss(c) for c in chunks) / max(1, total)
 
 
-def lora_loss(model: Transformer, multi: MultiLora, batch: Sequence[Example], pad: int) -> torch.Tensor:
-    def chunk_loss(chunk):
+def suffix_only(e: Example) -> bool:
+    """An activated example whose every target lies in what its adapter covers: the prefix before
+    `start` is the base's alone, so only the suffix needs a graph (`Transformer.forward_train_from`)."""
+    return e.adapter >= 0 and e.start > 0 and all(t == IGNORE for t in e.targets[:e.start])
+
+
+def collate_suffix(batch: Sequence[Example], pad: int):
+    """prefix (B, P), prefix lengths (B,), suffix (B, S), suffix targets (B, S), adapter (B,), mask
+    (B, S, 1): each example split at its `start`, both parts right-padded."""
+    p = max(e.start for e in batch)
+    s = max(len(e.tokens) - e.start for e in batch)
+    prefix = torch.full((len(batch), p), pad, dtype=torch.long)
+    suffix = torch.full((len(batch), s), pad, dtype=torch.long)
+    targets = torch.full((len(batch), s), IGNORE, dtype=torch.long)
+    for i, e in enumerate(batch):
+        prefix[i, : e.start] = torch.tensor(e.tokens[: e.start])
+        suffix[i, : len(e.tokens) - e.start] = torch.tensor(e.tokens[e.start:])
+        tail = e.targets[e.start:]
+        targets[i, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+    lens = torch.tensor([e.start for e in batch])
+    adapter = torch.tensor([e.adapter for e in batch])
+    return prefix, lens, suffix, targets, adapter, torch.ones(len(batch), s, 1)
+
+
+def lora_loss(model: Transformer, multi: MultiLora, batch: Sequence[Example], pad: int,
+              split_activated: bool = False) -> torch.Tensor:
+    """Mean next-token loss of each example under its adapter. `split_activated`: the activated
+    examples whose targets all lie after their invocation (`suffix_only`) run their base prefix
+    without a graph (the same loss and gradients, to float rounding; a verifier's example then costs
+    a forward of its context and a backward of its few invoked tokens)."""
+    def full_loss(chunk):
         tokens, targets, adapter, mask = collate(chunk, pad)
         multi.route(adapter, mask)
         hidden = model.forward_train(tokens, multi)  # (B, T, D)
@@ -320,7 +349,22 @@ def lora_loss(model: Transformer, multi: MultiLora, batch: Sequence[Example], pa
         logits = model.logits(hidden[keep])  # (M, vocab)
         return F.cross_entropy(logits, targets[keep], reduction="sum")
 
-    return _token_mean(buckets(batch), chunk_loss)
+    def suffix_loss(chunk):
+        prefix, lens, suffix, targets, adapter, mask = collate_suffix(chunk, pad)
+        multi.route(adapter, mask)
+        hidden = model.forward_train_from(prefix, lens, suffix, multi)  # (B, S, D)
+        keep = targets != IGNORE
+        return F.cross_entropy(model.logits(hidden[keep]), targets[keep], reduction="sum")
+
+    if not split_activated:
+        return _token_mean(buckets(batch), full_loss)
+    fast = [e for e in batch if suffix_only(e)]
+    rest = [e for e in batch if not suffix_only(e)]
+    total = sum(sum(t != IGNORE for t in e.targets) for e in batch)
+    out = sum(full_loss(c) for c in buckets(rest)) if rest else 0
+    if fast:
+        out = out + sum(suffix_loss(c) for c in buckets(fast))
+    return out / max(1, total)
 
 
 def base_loss(model, batch: Sequence[Example], pad: int) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -15,6 +17,11 @@ import pytest  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# The vLLM suites run in their own venv (scripts/test-vllm.sh): without vllm only their launcher
+# tests (no server) are collected, the rest not even as skips.
+collect_ignore = [] if importlib.util.find_spec("vllm") is not None else \
+    [f"vllm/{p.name}" for p in (Path(__file__).parent / "vllm").glob("test_*.py") if p.name != "test_launch.py"]
 
 
 @pytest.fixture(scope="session")

@@ -120,45 +120,55 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def kilolora_server(args: list[str], log):
-    """`kilolora serve ARGS --port P` as a real subprocess logging to the file `log`; yields its base
-    URL once /health answers, stops it after. Its log must hold no traceback: a 500 anywhere fails."""
-    import os
+def server_process(argv: list[str], env: dict[str, str], log, url: str, *, ready_path: str = "/health",
+                   startup_s: float = 120, what: str = "the server", stop_s: float = 15):
+    """`argv` as a real subprocess logging to the file `log`; yields the process once GET
+    `url + ready_path` answers 200 (or raises with the log's tail if it exits or `startup_s`
+    passes), then terminates it (killed after `stop_s`)."""
     import subprocess
-    import sys
     import time
     import urllib.request
-    from pathlib import Path
 
-    port = free_port()
-    exe = Path(sys.executable).with_name("kilolora")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with open(log, "w") as f:  # a file: a full pipe would block the server
-        proc = subprocess.Popen([str(exe), "serve", *map(str, args), "--port", str(port)], env=env, stdout=f,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([str(a) for a in argv], env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + startup_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"kilolora serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
             try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                with urllib.request.urlopen(url + ready_path, timeout=1) as r:
                     if r.status == 200:
                         break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"kilolora serve did not answer /health in 120 s:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"{what} did not answer {ready_path} in {startup_s:.0f} s:\n{log.read_text()[-4000:]}")
             time.sleep(0.2)
-        yield url
+        yield proc
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=15)
+            proc.wait(timeout=stop_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def kilolora_server(args: list[str], log):
+    """`kilolora serve ARGS --port P` as a real subprocess logging to the file `log`; yields its base
+    URL once /health answers, stops it after. Its log must hold no traceback: a 500 anywhere fails."""
+    import os
+    import sys
+    from pathlib import Path
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("kilolora")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    url = f"http://127.0.0.1:{port}"
+    with server_process([exe, "serve", *args, "--port", port], env, log, url, what="kilolora serve") as proc:
+        yield url
     assert proc.returncode in (0, -15), f"kilolora serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
     assert "Traceback" not in log.read_text(), log.read_text()[-5000:]
 

@@ -19,7 +19,7 @@ from . import demo as demo_cmds
 from . import serve as serve_cmds
 from . import world as world_cmds
 from ..http_backend import ServerError
-from ._args import add_function
+from ._args import add_function, split_passthrough
 
 COMMANDS: dict[str, Callable] = {
     "demo": demo_cmds.demo,
@@ -76,14 +76,23 @@ def _one_line(e: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = vars(parser.parse_args(argv))
+    argv = list(argv) if argv is not None else sys.argv[1:]
+    parsed, unknown = parser.parse_known_args(argv)
+    args = vars(parsed)
     fn = args.pop("_fn")
+    if getattr(fn, "passthrough", None) is not None:  # e.g. `serve --engine vllm`: flags for vLLM
+        kept, passed = split_passthrough(argv, args["_known"])
+        args = vars(parser.parse_args(kept))
+        del args["_fn"], args["_known"]
+        args[fn.passthrough] = passed
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     warnings.formatwarning = _one_line_warning
     positional = [args.pop(p.name) for p in inspect.signature(fn).parameters.values()
                   if p.kind is inspect.Parameter.POSITIONAL_ONLY]
     try:
         fn(*positional, **args)
-    except (ValueError, KeyError, OSError, ServerError) as e:
+    except (ValueError, KeyError, OSError, ServerError, ImportError) as e:  # ImportError: an optional dependency, with its install command
         print(f"kilolora: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -43,6 +43,8 @@ def add_function(subparsers, name: str, fn: Callable) -> argparse.ArgumentParser
     )
     hints = typing.get_type_hints(fn)
     for param in inspect.signature(fn).parameters.values():
+        if param.name == getattr(fn, "passthrough", None):  # filled with the unknown flags (cli.main)
+            continue
         hint = hints.get(param.name, str)
         help_text = helps.get(param.name, "")
         origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -79,4 +81,29 @@ def add_function(subparsers, name: str, fn: Callable) -> argparse.ArgumentParser
                     kwargs["help"] = f"{help_text} (default: {param.default})".strip()
             p.add_argument(*flags, dest=param.name, **kwargs)
     p.set_defaults(_fn=fn)
+    if getattr(fn, "passthrough", None) is not None:
+        p.set_defaults(_known=frozenset(p._option_string_actions))
     return p
+
+
+def split_passthrough(argv: list[str], known: frozenset[str]) -> tuple[list[str], list[str]]:
+    """(the arguments the command's parser takes, the flags passed on): a `--flag` the parser does
+    not know goes on with the values that follow it (up to the next `-...`), as does everything
+    after `--`. So a positional must come before the passed-on flags (or they use `--flag=value`)."""
+    kept, passed = [], []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            passed += argv[i + 1:]
+            break
+        if a.startswith("--") and a.split("=", 1)[0] not in known:
+            passed.append(a)
+            i += 1
+            while "=" not in a and i < len(argv) and not argv[i].startswith("-"):
+                passed.append(argv[i])
+                i += 1
+            continue
+        kept.append(a)
+        i += 1
+    return kept, passed

@@ -11,12 +11,14 @@ from typing import Literal
 API_KEY_ENV = "KILOLORA_API_KEY"
 
 
-def serve(model_dir: str | None = None, /, *, bank: str | None = None, adapter: list[str] = [],
+def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"] = "kilolora",
+          bank: str | None = None, adapter: list[str] = [],
           host: str = "127.0.0.1", port: int = 8000, tool_format: Literal["auto", "markup", "hermes", "none"] = "auto",
           served_model_name: str = "base", kv_cache_tokens: int = 65536, max_batch_tokens: int = 2048,
           device: str = "cpu", api_key: str | None = None, allow_adapter_updates: bool = False,
-          max_lora_rank: int = 64, max_running: int = 512, request_timeout: float = 30.0,
-          log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning") -> None:
+          max_lora_rank: int | None = None, max_running: int = 512, request_timeout: float = 30.0,
+          log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning",
+          vllm_python: str | None = None, vllm_args: list[str] = []) -> None:
     """Serve a base model and its adapters behind an OpenAI-compatible API.
 
     With no MODEL_DIR it serves the embedded default world: the base, its skills (verifier,
@@ -35,8 +37,30 @@ def serve(model_dir: str | None = None, /, *, bank: str | None = None, adapter: 
     can never be unloaded or replaced. Request sizes, sequences in flight and adapter ranks are
     bounded (see the README's Security section).
 
+    --engine vllm serves the same names on vLLM's OpenAI server instead (tensor, pipeline and
+    data parallel, multi-node): `kilolora serve --engine vllm [MODEL_DIR] [--bank DIR]
+    [--adapter NAME=DIR ...] [vLLM flags]`. Every flag kilolora does not know goes to vLLM's
+    server unchanged with the values after it (`--tensor-parallel-size 4`,
+    `--pipeline-parallel-size 2`, `--data-parallel-size`, `--gpu-memory-utilization`, ...), as does
+    everything after `--`; so put MODEL_DIR before them (or write them as `--flag=value`).
+    vLLM runs from its own venv (--vllm-python; kilolora installed there too, for its LoRA
+    resolver plugin). The base is `--served-model-name`, the skills and --adapter dirs are vLLM
+    `--lora-modules`, and bank entries are exported on first request (a dense PEFT copy of the
+    bank's rank, cached under $KILOLORA_CACHE/vllm, default ~/.cache/kilolora/vllm) by the
+    resolver; `base:NAME` works as here. --max-lora-rank defaults to the smallest rank vLLM
+    accepts that fits them all; on vLLM's CPU build `--block-size 32` (so short prompts are
+    cached) and VLLM_CPU_KVCACHE_SPACE=1 (GiB) unless set. Activated adapters (the world's
+    skills, per-task verifiers) keep their activation on vLLM 0.32 through kilolora's plugin
+    (serving/vllm/alora.py: the base-computed prefix is vLLM's cached base blocks); on other
+    vLLM versions, which refuse aLoRA, they are served stripped to plain LoRAs and apply to the
+    whole prompt, which lowers the world's tools/agent accuracy (README). vLLM's resolver needs
+    runtime adapter updates, so /v1/load_lora_adapter is open (use --api-key off loopback). Of
+    the options below, --tool-format, --kv-cache-tokens, --max-batch-tokens, --device,
+    --allow-adapter-updates, --max-running and --request-timeout are kilolora-engine only.
+
     Args:
       model_dir: HF checkpoint or world directory, or a .gguf file (default: the embedded world)
+      engine: kilolora (this process serves) or vllm (exec vLLM's OpenAI server on the same names)
       bank: a compressed bank directory to serve (its adapters by name)
       adapter: PEFT adapters to serve, as NAME=DIR (one or more)
       host: interface to listen on
@@ -53,11 +77,23 @@ def serve(model_dir: str | None = None, /, *, bank: str | None = None, adapter: 
       allow_adapter_updates: enable /v1/load_lora_adapter and /v1/unload_lora_adapter (local
         directories only; anyone who can reach the server can then load files it can read)
       max_lora_rank: largest LoRA rank served; larger adapters are refused (memory grows with rank)
+        (default: 64; on vLLM the smallest of its ranks 1, 8, 16, 32, 64, ... that fits the adapters)
       max_running: sequences in flight at once (a request counts prompts x n); more get 503
       request_timeout: seconds a client may take to send a request's headers, and again its body
         (slower ones are cut off: 408 for a body)
       log_level: uvicorn's log level
+      vllm_python: --engine vllm: the Python of the venv vLLM is installed in (default:
+        $KILOLORA_VLLM_PYTHON, this Python if it has vllm, else .venv-vllm/bin/python)
     """
+    if vllm_args and engine != "vllm":
+        raise ValueError(f"unrecognized arguments: {' '.join(vllm_args)} (only --engine vllm passes flags on to vLLM)")
+    if vllm_python is not None and engine != "vllm":
+        raise ValueError("--vllm-python needs --engine vllm")
+    if engine == "vllm":
+        return _serve_vllm(model_dir, bank=bank, adapter=adapter, host=host, port=port,
+                           served_model_name=served_model_name, api_key=api_key, max_lora_rank=max_lora_rank,
+                           log_level=log_level, vllm_python=vllm_python, vllm_args=vllm_args)
+    max_lora_rank = max_lora_rank if max_lora_rank is not None else 64
     from serving.engine import Engine
     from serving.openai.api_server import ServerLimits, create_app, local_dir
     from serving.openai.api_server import serve as run
@@ -108,6 +144,69 @@ def serve(model_dir: str | None = None, /, *, bank: str | None = None, adapter: 
     print(f"kilolora: serving {what}: {served_model_name} + {len(engine.adapters)} adapters, {tools}\n"
           f"kilolora: OpenAI API at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     run(app, host=host, port=port, log_level=log_level, header_timeout_s=request_timeout)
+
+
+def _serve_vllm(model_dir: str | None, *, bank: str | None, adapter: list[str], host: str, port: int,
+                served_model_name: str, api_key: str | None, max_lora_rank: int | None, log_level: str,
+                vllm_python: str | None, vllm_args: list[str]) -> None:
+    """`serve --engine vllm`: the world's (or MODEL_DIR's) names on vLLM (serving/vllm/launch.py)."""
+    from serving.vllm import launch
+
+    if not 0 < port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {port}")
+    python = launch.find_vllm_python(vllm_python)
+    info = launch.probe(python)
+    adapters, banks = {}, []
+    if model_dir is None or (Path(model_dir) / "world.json").is_file():
+        from skills.world import World
+
+        world = World.load(model_dir)
+        model = str(world.base_dir)
+        in_bank = {t["name"] for t in world.tasks}
+        adapters = {s.name: str(world.skill_dir(s.name)) for s in world.skills() if s.name not in in_bank}
+        banks = [str(world.bank_dir)] if world.bank_dir.is_dir() else []
+        what = f"world {world.path}"
+    elif Path(model_dir).suffix.lower() == ".gguf":
+        from serving.gguf import gguf_checkpoint
+
+        model, what = str(gguf_checkpoint(model_dir)), model_dir
+    else:
+        model, what = str(_local_dir(model_dir, "MODEL_DIR")), model_dir
+    if bank is not None:
+        banks.append(str(_local_dir(bank, "--bank")))
+    for a in adapter:
+        name, sep, path = a.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter takes NAME=DIR, got {a!r}")
+        adapters[name] = str(_local_dir(path, f"--adapter {name}"))
+    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    if api_key is None and not _loopback(host):
+        print(f"kilolora: warning: serving on {host} without an API key: anyone who can reach it can use it "
+              f"and load adapters from its disk (set --api-key or {API_KEY_ENV})", file=sys.stderr, flush=True)
+    from serving.vllm.alora import supported
+
+    cpu = info["vllm_cpu"] is not None or "cpu" in (info["vllm"] or "")
+    version = info["vllm_cpu"] or info["vllm"]
+    plan = launch.plan(model, python=python, adapters=adapters, banks=banks, cpu=cpu,
+                       served_model_name=served_model_name, host=host, port=port, max_lora_rank=max_lora_rank,
+                       api_key=api_key, log_level=log_level, extra_args=vllm_args, activated=supported(version))
+    stripped = (f"; activated adapters served as plain LoRAs (kilolora's aLoRA patches cover vLLM 0.32 only): "
+                f"{', '.join(plan.stripped)}") if plan.stripped else ""
+    print(f"kilolora: serving {what} on vLLM {version}{' (CPU)' if cpu else ''}: {served_model_name} + "
+          f"{len(adapters)} adapters + bank entries on demand (rank {plan.max_lora_rank}){stripped}\n"
+          f"kilolora: exec {plan.describe()}", file=sys.stderr, flush=True)
+    launch.run(plan)
+
+
+def _local_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"{what} {path!r} is not a local directory (nothing is downloaded)")
+    return p
+
+
+serve.passthrough = "vllm_args"
+"""unknown flags go to this parameter (the CLI leaves it out of the options): `--engine vllm` passes them to vLLM"""
 
 
 def _loopback(host: str) -> bool:

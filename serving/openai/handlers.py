@@ -66,7 +66,7 @@ class Handlers:
 
         if not req.stream:
             choices = await self.tracked(self.cancellable(request, work()), k)
-            self.finished(arrival, out, choices)
+            self.finished(arrival, out, choices, whole=True)
             return out.body(choices)
         return StreamingResponse(self.sse(work, out, k, arrival), media_type="text/event-stream")
 
@@ -85,13 +85,23 @@ class Handlers:
 
         if not req.stream:
             choices = await self.tracked(self.cancellable(request, work()), req.n)
-            self.finished(arrival, out, choices)
+            self.finished(arrival, out, choices, whole=True)
             return out.body(choices)
         return StreamingResponse(self.sse(work, out, req.n, arrival), media_type="text/event-stream")
 
-    def finished(self, arrival: float, out: CompletionResponse | ChatResponse, choices: list[Choice]) -> None:
+    def finished(self, arrival: float, out: CompletionResponse | ChatResponse, choices: list[Choice],
+                 whole: bool = False) -> None:
+        """Record a request that ended; a response sent `whole` records its time to first token
+        here too (a stream's is recorded when its first chunk goes out)."""
+        if whole:
+            self.first_token(arrival, choices)
         self.metrics.finished(arrival, out.prompt_tokens, sum(c.tokens for c in choices),
                               [c.finish_reason for c in choices])
+
+    def first_token(self, arrival: float, choices: list[Choice]) -> None:
+        at = [c.first_token_at for c in choices if c.first_token_at is not None]
+        if at:
+            self.metrics.first_token(arrival, min(at))
 
     def admit(self, seqs: int) -> None:
         """Refuse a request whose `seqs` sequences would go over the in-flight limit."""
@@ -187,6 +197,8 @@ class Handlers:
         out = ResponseOut(req, prep, serving.tokenizer)
 
         def done(ch: Choice, body: dict) -> None:
+            if not req.stream:
+                self.first_token(arrival, [ch])
             self.metrics.finished(arrival, out.prompt_tokens, ch.tokens, [ch.finish_reason])
             if out.store:
                 self.stored.put(body, out.history(conv, ch))
@@ -357,9 +369,12 @@ class Handlers:
 
         def work():  # tokenizing a large body takes a while: off the event loop
             if req.messages is not None:  # rendered as the chat endpoint renders them, tool calls included
-                chat = ChatRequest(model=self.model_name, messages=req.messages)
+                chat = ChatRequest(model=self.model_name, messages=req.messages,
+                                   add_generation_prompt=req.add_generation_prompt,
+                                   continue_final_message=req.continue_final_message,
+                                   chat_template_kwargs=req.chat_template_kwargs)
                 serving.check_contents(chat)
-                text, _, _ = serving.render_chat(chat, req.add_generation_prompt, req.continue_final_message)
+                text, _, _ = serving.render_chat(chat)
             else:
                 text = req.prompt
             serving.check_length(text, "prompt" if req.messages is None else "messages")

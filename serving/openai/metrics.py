@@ -67,8 +67,8 @@ class ServerMetrics:
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds: from "
                              "the request's arrival to its last token.", REQUEST_LATENCY_BUCKETS)
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds: from "
-                              "a streamed request's arrival to its first token's chunk (a response sent whole has no "
-                              "first token the server sees).", TIME_TO_FIRST_TOKEN_BUCKETS)
+                              "the request's arrival to its first token (a streamed request's first chunk; for a "
+                              "response sent whole, when the engine made its first token).", TIME_TO_FIRST_TOKEN_BUCKETS)
         self.prompt_hist = histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed (per request).",
                                      buckets_1_2_5(max_model_len))
         self.generation_hist = histogram("vllm:request_generation_tokens", "Number of generation tokens processed "
@@ -88,9 +88,9 @@ class ServerMetrics:
     def ended(self, seqs: int) -> None:
         self.running -= seqs
 
-    def first_token(self, arrival: float) -> None:
-        """A streamed request's first token went out; `arrival` is its `time.monotonic()`."""
-        self.ttft.observe(time.monotonic() - arrival)
+    def first_token(self, arrival: float, at: float | None = None) -> None:
+        """A request's first token came out at `at` (default: now); both are `time.monotonic()`."""
+        self.ttft.observe((time.monotonic() if at is None else at) - arrival)
 
     def finished(self, arrival: float, prompt_tokens: int, generated: int, finish_reasons: list[str | None]) -> None:
         """A request was answered in full: its latency, its tokens, each choice's finish reason."""

@@ -134,8 +134,7 @@ VLLM_EXTRAS: dict[str, tuple] = {
 at a neutral value, refused otherwise (not silently ignored). Drop an entry once it is implemented
 (`prompt_logprobs` is a field of `CompletionRequest`)."""
 VLLM_CHAT_EXTRAS: dict[str, tuple] = {
-    "echo": (None, False), "add_generation_prompt": (None, True), "continue_final_message": (None, False),
-    "chat_template": (None,), "chat_template_kwargs": (None, {}), "documents": (None, []),
+    "echo": (None, False), "chat_template": (None,), "documents": (None, []),
 }
 """the same for vLLM's chat-only extensions"""
 _STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
@@ -527,6 +526,13 @@ class ChatRequest(_Sampling):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    # vLLM's chat-template controls
+    add_generation_prompt: bool = True
+    """open the assistant's turn after the messages (the template's `add_generation_prompt`)"""
+    continue_final_message: bool = False
+    """continue the last message (an assistant's prefix) instead of opening a new turn"""
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=32)
+    """extra variables of the chat template (e.g. `enable_thinking`); see `check_template_kwargs`"""
     # OpenAI's hints that do not change the answer: accepted, ignored
     store: bool | None = None
     """nothing here reads stored completions back"""
@@ -570,6 +576,7 @@ class ChatRequest(_Sampling):
             raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools {names}")
         if self.tool_choice in ("required",) and not names:
             raise ValueError("tool_choice 'required' needs tools")
+        check_template_controls(self)
         ids = [c.id for m in self.messages for c in m.tool_calls or []]
         dup = next((i for i in ids if ids.count(i) > 1), None)
         if dup is not None:
@@ -606,6 +613,33 @@ class ChatRequest(_Sampling):
         return "auto" if self.tools else "none"
 
 
+TEMPLATE_RESERVED = frozenset({
+    "messages", "conversation", "tools", "documents", "add_generation_prompt", "continue_final_message", "tokenize",
+    "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs", "chat_template", "raise_exception", "strftime_now"})
+"""names `chat_template_kwargs` cannot set: `apply_chat_template`'s own arguments and the globals
+it gives the template; names ending in `_token` / `_tokens` are refused too (`bos_token`, ...: the
+tokenizer's special tokens, which a client must not redefine)"""
+_TEMPLATE_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+def check_template_controls(req) -> None:
+    """vLLM's rules for `add_generation_prompt` / `continue_final_message` (not both), and the
+    names of `chat_template_kwargs` (template variables; not ones that `TEMPLATE_RESERVED` covers).
+    Their string values are checked for markup with the messages (`Serving.check_contents`)."""
+    if req.continue_final_message and req.add_generation_prompt:
+        raise ValueError("cannot set both continue_final_message and add_generation_prompt to true "
+                         "(send add_generation_prompt: false to continue the last message)")
+    if req.continue_final_message and req.messages and req.messages[-1].role != "assistant":
+        raise ValueError(f"continue_final_message continues the last message, which must be the assistant's "
+                         f"(it is {req.messages[-1].role!r})")
+    for k in getattr(req, "chat_template_kwargs", None) or {}:
+        if not _TEMPLATE_VAR.match(k):
+            raise ValueError(f"chat_template_kwargs: {k[:64]!r} is not a template variable name")
+        if k in TEMPLATE_RESERVED or k.endswith(("_token", "_tokens")):
+            raise ValueError(f"chat_template_kwargs cannot set {k!r} (the server sets it)")
+
+
 class LoadLoraRequest(_Request):
     """POST /v1/load_lora_adapter (vLLM's body)"""
 
@@ -639,12 +673,15 @@ class TokenizeRequest(_Request):
     messages: list[Message] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = Field(default=None, max_length=32)
     add_special_tokens: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("send exactly one of prompt and messages")
+        if self.messages is not None:
+            check_template_controls(self)
         return self
 
 

@@ -64,6 +64,8 @@ class Choice:
     counters: Tokens = field(default_factory=Tokens)
     prompt_logprobs: PromptLogprobs | None = None
     """vLLM's `prompt_logprobs` of the choice (None: not asked for)"""
+    first_token_at: float | None = None
+    """`time.monotonic()` of the choice's first generated token (None: it generated none)"""
 
 
 def new_id(prefix: str) -> str:

@@ -16,6 +16,7 @@ wherever the caller runs them (the handlers: on a worker thread).
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
@@ -167,10 +168,10 @@ class Serving:
                                 prompt_logprobs=req.prompt_logprobs_k))
         return out
 
-    def render_chat(self, req: ChatRequest, add_generation_prompt: bool = True,
-                    continue_final_message: bool = False) -> tuple[str, ToolFormat | None, bool]:
-        """The prompt text of a chat (tool calls and results in the model's tool format), the
-        tool format the request may use, and whether the prompt continues an assistant turn."""
+    def render_chat(self, req: ChatRequest) -> tuple[str, ToolFormat | None, bool]:
+        """The prompt text of a chat (tool calls and results in the model's tool format; the
+        request's `add_generation_prompt`, `continue_final_message` and `chat_template_kwargs`),
+        the tool format the request may use, and whether the prompt continues an assistant turn."""
         fmt = self.tool_format
         bound = None
         if req.tools and fmt is None and req.choice != "none":
@@ -187,13 +188,14 @@ class Serving:
         else:
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in req.messages]
             continues = False
-        kw = {}
+        kw = dict(req.chat_template_kwargs or {})
         if isinstance(fmt, HermesTools) and bound is not None:
             kw["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+        continues = continues or req.continue_final_message
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt and not continues,
-                continue_final_message=continue_final_message or continues, **kw)
+                messages, tokenize=False, add_generation_prompt=req.add_generation_prompt and not continues,
+                continue_final_message=continues, **kw)
         except Exception as err:  # a template that cannot render this conversation (jinja raises anything)
             raise APIError(400, f"the chat template cannot render these messages: {err}", param="messages") from None
         return text, bound, continues
@@ -216,6 +218,11 @@ class Serving:
             hit = reserved.find_any(json_strings(t.model_dump_json()))
             if hit is not None:
                 raise APIError(400, f"tools[{j}] contains {hit!r}, {reserved.why(hit)}", param=f"tools.{j}")
+        for k, v in (req.chat_template_kwargs or {}).items():  # the template may write them into the prompt
+            hit = reserved.find_any(json_strings(json.dumps(v)))
+            if hit is not None:
+                raise APIError(400, f"chat_template_kwargs.{k} contains {hit!r}, {reserved.why(hit)}",
+                               param=f"chat_template_kwargs.{k}")
 
     def prepare_chat(self, req: ChatRequest, adapter: str | None) -> Prepared:
         """The chat rendered, tokenized and checked; `adapter` is `adapter_for(req.model)`."""
@@ -315,6 +322,8 @@ class Serving:
             if c.finish_reason == "error":
                 raise APIError(500, f"generation failed: {c.error}", type="server_error", code="engine_error")
             into.tokens += len(c.token_ids)
+            if into.first_token_at is None:
+                into.first_token_at = d.first_token_at
             into.logprobs.extend(c.logprobs or [])
             into.counters += c.counters
             return c.text or "", c.stop_reason, c.finish_reason

@@ -108,3 +108,59 @@ def test_lazy_adam_equals_adamw_on_the_rows_it_touches(base_dir):
         torch.testing.assert_close(got[[0, 2, 3]], p.detach()[[0, 2, 3]], atol=1e-6, rtol=1e-5)
     assert torch.equal(lazy.lora_A["0_q_proj"][1], untouched)  # not in any batch: never moved
     assert not torch.equal(lazy.lora_B["0_q_proj"][0], torch.zeros_like(lazy.lora_B["0_q_proj"][0]))
+
+
+def test_split_activated_loss_and_gradients_equal_the_full_forward(base_dir):
+    """`lora_loss(split_activated=True)`: activated examples run their base prefix without a graph
+    (`forward_train_from`); loss and every adapter gradient equal the full forward's. The batch
+    mixes activated examples of different prefix and suffix lengths, a plain one, and an activated
+    one with a target before its start (which must take the full path)."""
+    from skills.train import Example, IGNORE, suffix_only
+
+    model = load_model(base_dir)
+    tokens = _tokens(6, 14, seed=4)
+
+    def activated(i, length, start, adapter, early=False):
+        toks = tokens[i, :length].tolist()
+        targets = [IGNORE] * length
+        for j in range(start, length - 1):
+            targets[j] = toks[j + 1]
+        if early:
+            targets[start - 3] = toks[start - 2]
+        return Example(toks, targets, adapter=adapter, start=start)
+
+    batch = [activated(0, 14, 9, 0), activated(1, 10, 3, 1), activated(2, 12, 11, 1),
+             lm_example(tokens[3, :8].tolist(), 1, adapter=2), activated(4, 13, 6, 2, early=True),
+             activated(5, 9, 1, 0)]
+    assert [suffix_only(e) for e in batch] == [True, True, True, False, False, True]
+    multi = _randomised(model, n=3, seed=7)
+    grads, losses = [], []
+    for split in (False, True):
+        multi.begin(torch.tensor([e.adapter for e in batch]))
+        loss = lora_loss(model, multi, batch, pad=0, split_activated=split)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({k: t.grad.clone() for k, t in multi._live.items()})
+        multi._live, multi._rows = {}, None
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-6, rtol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)
+    assert any(g.abs().max() > 1e-4 for g in grads[0].values())  # the gradients compared are not all zero
+
+
+def test_forward_train_from_equals_forward_train_without_an_adapter(base_dir):
+    model = load_model(base_dir)
+    tokens = _tokens(3, 12, seed=6)
+    starts = torch.tensor([4, 1, 9])
+    prefix = torch.zeros(3, 9, dtype=torch.long)
+    suffix = torch.zeros(3, 11, dtype=torch.long)
+    for i, s in enumerate(starts.tolist()):
+        prefix[i, :s], suffix[i, :12 - s] = tokens[i, :s], tokens[i, s:]
+    with torch.no_grad():
+        full = model.forward_train(tokens)
+        part = model.forward_train_from(prefix, starts, suffix)
+    for i, s in enumerate(starts.tolist()):
+        torch.testing.assert_close(part[i, :12 - s], full[i, s:], atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prefix lengths"):
+        model.forward_train_from(prefix, torch.tensor([0, 1, 2]), suffix)
