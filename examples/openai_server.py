@@ -45,8 +45,8 @@ try:
     print("base alone:    ", r.choices[0].message.content)
     print("streamed:      ", "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model="base", messages=question, temperature=0, stream=True) if c.choices))
-    task = [{"role": "user", "content": "shift: hello"}]  # the adapter `shift-3` knows k = 3
-    for model in ("base", "shift-3", "base:shift-3"):
+    task = [{"role": "user", "content": "replace: hello"}]  # the adapter `replace-lx` knows which letters
+    for model in ("base", "replace-lx", "base:replace-lx"):
         r = client.chat.completions.create(model=model, messages=task, temperature=0, max_tokens=12)
         print(f"{model:14s}:", r.choices[0].message.content)
 

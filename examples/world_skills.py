@@ -75,7 +75,7 @@ for step in ("58*6=348.", "58*6=358."):
 
 # 5. task adapters from the compressed bank: the prompt names the operation, the adapter knows
 #    its parameter (the base alone can only guess it)
-for name, inputs in (("shift-3", ["hello", "world"]), ("add-7", ["12345", "2026"])):
+for name, inputs in (("replace-lx", ["hello", "world"]), ("add-7", ["12345", "2026"])):
     task = Transform.parse(world.skill(name).task)
     prompts = [tok.apply_chat_template([{"role": "user", "content": task.prompt(x)}], tokenize=False,
                                        add_generation_prompt=True) for x in inputs]

@@ -13,6 +13,7 @@ everything succeeded.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -59,9 +60,9 @@ class BuildConfig:
     """`shift k` task adapters (k = 1..n)"""
     n_add: int = 9
     """`add k` task adapters (k = 1..n)"""
-    n_replace: int = 266
+    n_replace: int = 650
     """`replace x y` task adapters (letter pairs in a seeded order; 650 is every ordered pair)"""
-    n_checkers: int = 25
+    n_checkers: int = 330
     """per-task verifiers (of the first `replace` tasks) in the task family"""
     sample_problems: int = 1500
     """training problems the base samples solutions for (verifier / self-eval labels)"""
@@ -73,32 +74,32 @@ class BuildConfig:
     """steps of the joint adapter training"""
     skill_batch: int = 48
     """skill examples per step (verifier 45%, self-eval 35%, tool selector 20%)"""
-    task_batch: int = 176
+    task_batch: int = 352
     """task-family examples per step"""
-    checker_share: float = 0.25
+    checker_share: float = 0.625
     """share of the task batch for the per-task verifiers (they learn from one answer token per
     example, the transformations from every character); the rest is drawn uniformly over tasks"""
-    variety: float = 0.0
+    variety: float = 0.3
     """chance that a training conversation phrases its question in words, and (each) that it opens
     with a system prompt or an earlier turn: what lets the base and skills serve real chats (the
-    task family trains on plain prompts, see `train_adapters`). The shipped world predates it (0)"""
+    task family trains on plain prompts, see `train_adapters`)"""
     contrast_share: float = 0.5
     """share of verifier / step-checker examples made from a right solution and its twin with one
     wrong digit (the rest: the base's own samples)"""
     adapter_lr: float = 4e-3
     """adapters' peak learning rate"""
-    split_activated: bool = False
+    split_activated: bool = True
     """train activated examples (skills, per-task verifiers) on their invoked tokens only, their
     base prefix run without a graph (`lora_loss(split_activated=True)`: the same loss and gradients
-    to float rounding, cheaper). The shipped world predates it (False keeps its build bit for bit)"""
-    r: int = 2
+    to float rounding, about half the time of a per-task verifier's example)"""
+    r: int = 16
     """LoRA rank of every adapter (all seven projections). At rank 16 use lora_alpha 8 (alpha /
     sqrt(r) = 2): alpha / r = 2 learns worse (`benchmarks/bench_lora_rank.py`: 0.794 vs 0.931)"""
-    lora_alpha: float = 4
+    lora_alpha: float = 8
     """LoRA alpha"""
-    bank_rank: int = 32
+    bank_rank: int = 16
     """rank of the task bank's shared bases"""
-    bank_clusters: int = 13
+    bank_clusters: int = 16
     """clusters of the task bank"""
     bank_method: str = "jd-full"
     """compression method of the task bank"""
@@ -150,12 +151,23 @@ def task_skills(cfg: BuildConfig) -> list[Skill]:
     return out
 
 
-def _progress(console=None):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _loss_text(task) -> str:
+    """'loss 0.123' for a training task; nothing for a phase that has no loss (NaN or absent)."""
+    loss = task.fields.get("loss")
+    return f"loss {loss:.3f}" if isinstance(loss, float) and math.isfinite(loss) else ""
 
-    return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+
+def _progress(console=None):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+    from rich.text import Text
+
+    class LossColumn(ProgressColumn):
+        def render(self, task):
+            return Text(_loss_text(task))
+
+    return Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), LossColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
 
 
 def train_base(out: Path, tok, cfg: BuildConfig, progress) -> list[float]:

@@ -51,8 +51,8 @@ def test_world_skills_example():
     assert step_ok > step_bad
     # a task adapter from the bank performs its transformation; the base alone cannot
     rows = [line.split(None, 1) for line in out.splitlines() if line.startswith("  ")]
-    assert rows[0] == ["shift-3", "shift: hello -> khoor, shift: world -> zruog"]
-    assert rows[1][0] == "base" and "khoor" not in rows[1][1]
+    assert rows[0] == ["replace-lx", "replace: hello -> hexxo, replace: world -> worxd"]
+    assert rows[1][0] == "base" and "hexxo" not in rows[1][1]
     assert rows[2] == ["add-7", "add: 12345 -> 89012, add: 2026 -> 9793"]
 
 
@@ -87,7 +87,7 @@ def test_openai_server_example():
 
     assert said("base alone") == said("streamed")  # streaming adds up to the same text
     # the adapter picked by model name writes the task; `NAME` and `base:NAME` are the same model
-    assert said("shift-3 ") == said("base:shift-3") == "khoor" != said("base  ")
+    assert said("replace-lx ") == said("base:replace-lx") == "hexxo" != said("base  ")
     assert f"calculator(37*49) = {37 * 49}" in out
     assert said("with the tool").split("(")[0].strip().endswith(f"Answer: {37 * 49 + 12}")
     # the same graph gives the same picks in-process and over HTTP

@@ -158,6 +158,13 @@ class MarkupTools:
         arg = text[i + len(self.open):].split(self.close, 1)[0].strip()
         return Call(self.function, json.dumps({self.argument: arg}))
 
+    def well_formed(self, call: Call) -> bool:
+        """An argument that is there and holds none of the format's markers: what a proposer's
+        unforced call must be to count (on a prompt it was never trained for, the world's tool
+        selector may write `[CALC][CALC][CALC]`: that is no call)."""
+        arg = json.loads(call.arguments).get(self.argument, "")
+        return bool(arg) and not any(m in arg for m in self.markers())
+
 
 @dataclass
 class HermesTools:

@@ -101,5 +101,7 @@ async def propose(srv: Serving, seq: int, fmt: MarkupTools, forced: bool, ch: Ch
     call = fmt.parse((fmt.open if forced else "") + text)
     if call is None or finish != "stop":  # no call, or one cut off unfinished (at the close marker or
         return None                        # the end of sequence, the proposer has finished its call)
+    if not forced and not fmt.well_formed(call):  # `[CALC][CALC]...`: not a call, however it starts
+        return None
     ch.tokens += scratch.tokens
     return call

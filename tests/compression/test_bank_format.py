@@ -14,7 +14,6 @@ from compression import Bank, Collection, CompressConfig, LoraAdapter, compress
 from compression.bank import FORMAT_VERSION, _sha256
 from compression.synthetic import PlantedSpec, planted_factors
 
-SHIPPED = Path(__file__).resolve().parents[2] / "skills" / "default_world" / "bank"
 
 
 def small_bank(method: str) -> Bank:
@@ -100,20 +99,6 @@ def test_a_version_1_bank_is_checked_in_its_own_names(tmp_path):
     with pytest.raises(ValueError, match=r"unexpected tensor '.*q_proj\.cores'; a bank of format_version 1 holds "
                                          r"<target>\.U, \.V and \.sigma"):
         Bank.load(tmp_path / "v1")
-
-
-@pytest.mark.skipif(not (SHIPPED / "bank.json").is_file(), reason="the default world's bank is not in this checkout")
-def test_the_shipped_version_1_bank_loads_and_saves_as_version_2(tmp_path):
-    meta = json.loads((SHIPPED / "bank.json").read_text())
-    if meta.get("format_version") != 1:
-        pytest.skip(f"the shipped bank is format_version {meta.get('format_version')}, no longer 1")
-    bank = Bank.load(SHIPPED)
-    assert [t.name for t in bank.targets] == [t["name"] for t in meta["slots"]]
-    assert [e.targets for e in bank.entries] == [e["slots"] for e in meta["adapters"]]
-    assert bank.stats()["targets"] == meta["stats"]["slots"]
-    bank.save(tmp_path / "v2")
-    assert json.loads((tmp_path / "v2" / "bank.json").read_text())["format_version"] == 2
-    assert_banks_equal(Bank.load(tmp_path / "v2"), bank)
 
 
 @pytest.mark.parametrize("version, got", [(3, "3"), (0, "0"), ("2", '"2"'), (True, "true"), (2.0, "2.0"), ([1], r"\[1\]"),

@@ -77,29 +77,29 @@ def test_chat_against_the_server_over_http_in_a_pipe(world_server):
     import subprocess
 
     out = subprocess.run([KILOLORA, "chat", "--url", world_server + "/v1"],
-                         input="What is 58*6+31?\nshift 3: hello\n/trace\n",
+                         input="What is 58*6+31?\nreplace l x: hello\n/trace\n",
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "http://" in out.stdout and "calculator" in out.stdout
     assert "reading this as the arithmetic problem 58*6+31" in out.stdout
     assert f"answer        {58 * 6 + 31}" in out.stdout
-    assert "shift 3: adapter shift-3 answers 'shift: hello'" in out.stdout
-    assert f"answer        {Transform('shift', '3').apply('hello')}" in out.stdout
+    assert "replace l x: adapter replace-lx answers 'replace: hello'" in out.stdout
+    assert f"answer        {Transform('replace', 'l x').apply('hello')}" in out.stdout
     assert "trace of the last turn" in out.stdout and out.stdout.rstrip().endswith("bye")
 
 
 def test_chat_in_a_pipe_says_what_each_message_is_and_runs_only_the_skills_that_fit():
     import subprocess
 
-    want = Transform("shift", "3").apply("hello")
-    out = subprocess.run([KILOLORA, "chat"], input="shift 3: hello\nhello there\n", capture_output=True, text=True,
+    want = Transform("replace", "l x").apply("hello")
+    out = subprocess.run([KILOLORA, "chat"], input="replace l x: hello\nhello there\n", capture_output=True, text=True,
                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "80"})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    note = next(line for line in lines if "shift 3:" in line)  # one line, not wrapped at 80 columns
-    assert "adapter shift-3 answers 'shift: hello'" in note
+    note = next(line for line in lines if "replace l x:" in line)  # one line, not wrapped at 80 columns
+    assert "adapter replace-lx answers 'replace: hello'" in note
     assert note.endswith("not arithmetic: no calculator, no arithmetic verifier")
-    assert f"  shift-3       {want}" in lines and f"  answer        {want}" in lines
+    assert f"  replace-lx    {want}" in lines and f"  answer        {want}" in lines
     assert any("not arithmetic or a transformation of this world: the base alone" in line for line in lines)
     assert "tool_selector" not in out.stdout and "score" not in out.stdout
 
@@ -211,16 +211,16 @@ def test_session_answers_arithmetic_in_words_as_the_bare_problem(session):
 
 
 def test_session_answers_a_transformation_with_its_task_adapter_and_no_arithmetic_skill(session):
-    want = Transform("shift", "3").apply("hello")
+    want = Transform("replace", "l x").apply("hello")
     assert want != "hello"
     session.reset()
-    run = session.turn("shift 3: hello")
+    run = session.turn("replace l x: hello")
     assert run.text.strip() == want
-    assert session.route.kind == "transform" and session.route.adapter == "shift-3"
-    assert run.trace.of("run_start")[0]["prompt"] == "shift: hello"  # as the task adapters were trained
+    assert session.route.kind == "transform" and session.route.adapter == "replace-lx"
+    assert run.trace.of("run_start")[0]["prompt"] == "replace: hello"  # as the task adapters were trained
     steps = [e for e in run.trace.of("node") if e["kind"] == "generate"]
-    assert steps and all(e["adapter"] == "shift-3" for e in steps)
-    assert _skills_run(run) == set()  # no tool selector, calculator or verifier: shift-3 has no checker
+    assert steps and all(e["adapter"] == "replace-lx" for e in steps)
+    assert _skills_run(run) == set()  # no tool selector, calculator or verifier: replace-lx has no checker
     assert "not arithmetic: no calculator, no arithmetic verifier" in session.route.note
     session.reset()
 
@@ -249,10 +249,10 @@ def test_session_runs_no_arithmetic_skill_on_anything_else(session):
 def test_session_adapter_choice_wins_over_the_task_adapter(session):
     session.set_adapter("shift-2")
     try:
-        run = session.turn("shift 3: hello")
+        run = session.turn("replace l x: hello")
         assert session.route.adapter == "shift-2" and session.route.verifier is None
         assert all(e["adapter"] == "shift-2" for e in run.trace.of("node") if e["kind"] == "generate")
-        assert "the world's adapter for it is shift-3" in session.route.note
+        assert "the world's adapter for it is replace-lx" in session.route.note
     finally:
         session.set_adapter("base")
         session.reset()

@@ -79,7 +79,7 @@ def test_scores_over_http_equal_the_in_process_scores(http, local):
     another order: 1e-4, see tests/serving/test_server_scoring.py)."""
     prompt = http.chat_prompt("37*49+12")
     solution = "37*49=1813. 1813+12=1825. Answer: 1825"
-    for adapter, cont in [(None, solution), ("shift-3", solution), ("verifier", solution + "<|verify|>y")]:
+    for adapter, cont in [(None, solution), ("replace-lx", solution), ("verifier", solution + "<|verify|>y")]:
         s, q = http.open(prompt), local.open(prompt)
         before = local.engine.tokens(q)
         try:

@@ -97,20 +97,22 @@ def test_a_langgraph_react_agent_calls_the_declared_tool(server, client, solved)
 
 
 # --------------------------------------------------------------------------- lm-evaluation-harness
-SHIFT = Transform("shift", "3")  # the task adapter `shift-3` answers `shift: x`; the base does not
+TASK = Transform("replace", "l x")  # the task adapter `replace-lx` answers `replace: x`; the base does not
 END = "<|end|>"
 
 
 def _docs(tok) -> list[dict]:
-    """Held-out inputs of the shift-3 task: the chat prompt, the answer, and four choices (the
-    answer, the neighbouring shifts and a one-letter near miss) with the answer's index."""
+    """Held-out inputs of the replace-lx task: the chat prompt, the answer, and four choices (the
+    answer, the input with `l` replaced by a neighbouring letter, and a one-letter near miss) with
+    the answer's index."""
     out = []
-    for i, x in enumerate(SHIFT.inputs(6, seed=11, split="test")):
-        answer = SHIFT.apply(x)
-        choices = [answer, Transform("shift", "2").apply(x), Transform("shift", "4").apply(x),
+    for i, x in enumerate(TASK.inputs(6, seed=11, split="test")):
+        answer = TASK.apply(x)
+        assert answer != x  # every input has an `l`: the choices differ
+        choices = [answer, Transform("replace", "l w").apply(x), Transform("replace", "l y").apply(x),
                    corrupt(answer, "abcdefghijklmnopqrstuvwxyz", random.Random(i))]
         random.Random(i).shuffle(choices)
-        out.append({"prompt": render(tok, SHIFT.prompt(x)), "answer": answer, "text": f"{x} {answer}",
+        out.append({"prompt": render(tok, TASK.prompt(x)), "answer": answer, "text": f"{x} {answer}",
                     "choices": [c + END for c in choices], "gold": choices.index(answer)})
     return out
 
@@ -121,13 +123,13 @@ def _task(name: str, data, output_type: str, **kw) -> dict:
 
 
 TASKS = {  # a generation task (exact match), a multiple-choice one (log-likelihoods), a perplexity one
-    "kl_shift_gen": dict(output_type="generate_until", doc_to_text="{{prompt}}", doc_to_target="{{answer}}",
+    "kl_task_gen": dict(output_type="generate_until", doc_to_text="{{prompt}}", doc_to_target="{{answer}}",
                          target_delimiter="", generation_kwargs={"until": [END], "max_gen_toks": 16, "temperature": 0},
                          metric_list=[{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]),
-    "kl_shift_mc": dict(output_type="multiple_choice", doc_to_text="{{prompt}}", doc_to_choice="{{choices}}",
+    "kl_task_mc": dict(output_type="multiple_choice", doc_to_text="{{prompt}}", doc_to_choice="{{choices}}",
                         doc_to_target="gold", target_delimiter="",
                         metric_list=[{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]),
-    "kl_shift_ppl": dict(output_type="loglikelihood_rolling", doc_to_text="", doc_to_target="{{text}}",
+    "kl_task_ppl": dict(output_type="loglikelihood_rolling", doc_to_text="", doc_to_target="{{text}}",
                          metric_list=[{"metric": "word_perplexity"}]),
 }
 
@@ -141,7 +143,7 @@ def harness(server, engine, tok, tmp_path_factory):
 
     d = tmp_path_factory.mktemp("lm_eval_tasks")
     docs = _docs(tok)
-    data = d / "shift.jsonl"
+    data = d / "task.jsonl"
     data.write_text("".join(json.dumps(x) + "\n" for x in docs))
     for name, spec in TASKS.items():
         (d / f"{name}.yaml").write_text(yaml.safe_dump(_task(name, data, **spec)))
@@ -154,7 +156,7 @@ def harness(server, engine, tok, tmp_path_factory):
         from lm_eval.tasks import TaskManager
 
         tasks = TaskManager(include_path=str(d), include_defaults=False)  # only ours: no index of lm-eval's own
-        for model, batch in (("shift-3", 1), ("base", 4)):
+        for model, batch in (("replace-lx", 1), ("base", 4)):
             args = dict(base_url=server + "/v1/completions", model=model, tokenizer=str(WORLD.base_dir),
                         tokenizer_backend="huggingface", tokenized_requests=False, batch_size=batch,
                         max_length=engine.max_model_len, max_retries=1)  # one attempt: a refusal fails at once
@@ -212,23 +214,23 @@ def _argmax(xs: list[float]) -> int:
 def test_lm_eval_generate_until_equals_the_engines_greedy_answers(harness, expected):
     docs, runs = harness
     for model, run in runs.items():
-        samples = _samples(run, "kl_shift_gen")
+        samples = _samples(run, "kl_task_gen")
         assert [s["doc"]["prompt"] for s in samples] == [d["prompt"] for d in docs]
         want = expected[model]["greedy"]
         assert [s["filtered_resps"][0] for s in samples] == want == [s["resps"][0][0] for s in samples], model
         assert [s["exact_match"] for s in samples] == [float(w == d["answer"]) for w, d in zip(want, docs)]
-        em = run["results"]["kl_shift_gen"]["exact_match,none"]
+        em = run["results"]["kl_task_gen"]["exact_match,none"]
         assert em == pytest.approx(sum(w == d["answer"] for w, d in zip(want, docs)) / len(docs))
     # non-vacuous: the model name picks the adapter, which answers the task; the base does not
-    assert runs["shift-3"]["results"]["kl_shift_gen"]["exact_match,none"] == 1.0
-    assert runs["base"]["results"]["kl_shift_gen"]["exact_match,none"] < 0.5
+    assert runs["replace-lx"]["results"]["kl_task_gen"]["exact_match,none"] == 1.0
+    assert runs["base"]["results"]["kl_task_gen"]["exact_match,none"] < 0.5
 
 
 def test_lm_eval_loglikelihoods_and_accuracy_equal_the_engines_scores(harness, expected):
     docs, runs = harness
     for model, run in runs.items():
         ref = expected[model]
-        samples = _samples(run, "kl_shift_mc")
+        samples = _samples(run, "kl_task_mc")
         for s, d, want, g in zip(samples, docs, ref["choices"], ref["greedy"]):
             assert [a[1] for a in s["arguments"]] == d["choices"] and s["target"] == d["gold"]
             lls, is_greedy = zip(*s["filtered_resps"])
@@ -237,14 +239,14 @@ def test_lm_eval_loglikelihoods_and_accuracy_equal_the_engines_scores(harness, e
             assert list(is_greedy) == [c == g + END for c in d["choices"]]  # every token the argmax: the greedy answer
             assert s["acc"] == float(_argmax(want) == d["gold"])
         acc = sum(_argmax(w) == d["gold"] for w, d in zip(ref["choices"], docs)) / len(docs)
-        assert run["results"]["kl_shift_mc"]["acc,none"] == pytest.approx(acc), model
+        assert run["results"]["kl_task_mc"]["acc,none"] == pytest.approx(acc), model
         # the perplexity task: one rolling window per document, scored after the prefix token
-        got = [s["filtered_resps"][0] for s in _samples(run, "kl_shift_ppl")]
+        got = [s["filtered_resps"][0] for s in _samples(run, "kl_task_ppl")]
         assert got == pytest.approx(ref["rolling"], abs=ATOL), model
     # non-vacuous: the adapter changes every score, and ranks the answer first where the base does not
-    a, b = (sum(expected[m]["choices"], []) + expected[m]["rolling"] for m in ("shift-3", "base"))
+    a, b = (sum(expected[m]["choices"], []) + expected[m]["rolling"] for m in ("replace-lx", "base"))
     assert all(abs(x - y) > 1e-2 for x, y in zip(a, b))
-    assert runs["shift-3"]["results"]["kl_shift_mc"]["acc,none"] > runs["base"]["results"]["kl_shift_mc"]["acc,none"]
+    assert runs["replace-lx"]["results"]["kl_task_mc"]["acc,none"] > runs["base"]["results"]["kl_task_mc"]["acc,none"]
 
 
 # --------------------------------------------------------------------------- litellm
@@ -289,9 +291,9 @@ def test_litellm_chat_and_stream_equal_the_engine(litellm, via, engine, tok, sol
     [usage] = [ch.usage for ch in chunks if getattr(ch, "usage", None)]
     assert (usage.prompt_tokens, usage.completion_tokens) == (r.usage.prompt_tokens, r.usage.completion_tokens)
     # an adapter is a model name too
-    shifted = litellm.completion(messages=[{"role": "user", "content": "shift: hello"}], max_tokens=12,
-                                 **{**via, "model": "openai/shift-3"}).choices[0].message.content
-    assert shifted == reference(engine, render(tok, "shift: hello"), "shift-3", 12).text == SHIFT.apply("hello")
+    replaced = litellm.completion(messages=[{"role": "user", "content": "replace: hello"}], max_tokens=12,
+                                  **{**via, "model": "openai/replace-lx"}).choices[0].message.content
+    assert replaced == reference(engine, render(tok, "replace: hello"), "replace-lx", 12).text == TASK.apply("hello")
 
 
 def test_litellm_tool_call_round_trip(litellm, via, solved):

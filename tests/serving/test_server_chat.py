@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.serving.server_helpers import PROBLEM, SHIFT, chat, n_tokens, reference, render
+from tests.serving.server_helpers import PROBLEM, SHIFT, UNSURE, chat, n_tokens, reference, render
 
 
 @pytest.mark.parametrize("model,content", [("base", PROBLEM), SHIFT])
@@ -65,12 +65,12 @@ def test_temperature_zero_is_deterministic_and_seeds_reproduce(client):
     greedy = chat(client, "base", PROBLEM, n=3)
     assert len({c.message.content for c in greedy.choices}) == 1
     assert chat(client, "base", PROBLEM).choices[0].message.content == greedy.choices[0].message.content
-    # The base does not know k for a bare `shift:`: sampling it at temperature 1 varies with the seed.
+    # The base does not know k for a bare `shift:` (UNSURE): sampling it at temperature 1 varies with the seed.
     def sample(seed):
-        return chat(client, "base", SHIFT[1], temperature=1, seed=seed, max_tokens=12).choices[0].message.content
+        return chat(client, "base", UNSURE, temperature=1, seed=seed, max_tokens=12).choices[0].message.content
     texts = [sample(s) for s in range(4)]
     assert [sample(s) for s in range(4)] == texts
     assert len(set(texts)) > 1
-    two = chat(client, "base", SHIFT[1], temperature=1, seed=11, n=2, max_tokens=12)
-    again = chat(client, "base", SHIFT[1], temperature=1, seed=11, n=2, max_tokens=12)
+    two = chat(client, "base", UNSURE, temperature=1, seed=11, n=2, max_tokens=12)
+    again = chat(client, "base", UNSURE, temperature=1, seed=11, n=2, max_tokens=12)
     assert [c.message.content for c in two.choices] == [c.message.content for c in again.choices]

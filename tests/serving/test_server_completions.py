@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serving.server_helpers import PROBLEM, SHIFT, chat, n_tokens, reference, render, sse
+from tests.serving.server_helpers import PROBLEM, UNSURE, chat, n_tokens, reference, render, sse
 
 
 def test_streamed_completion_is_sse_ending_with_done(http, tok):
@@ -47,7 +47,7 @@ def test_logprobs_equal_the_engine_and_n_choices_have_their_shapes(client, engin
     assert r.usage.completion_tokens == 2 * len(want.token_ids)
 
     # Sampled choices: one logprob entry per generated token, top_logprobs of the asked size.
-    r = chat(client, "base", SHIFT[1], temperature=1, seed=3, n=3, logprobs=True, top_logprobs=2, max_tokens=12)
+    r = chat(client, "base", UNSURE, temperature=1, seed=3, n=3, logprobs=True, top_logprobs=2, max_tokens=12)
     assert [c.index for c in r.choices] == [0, 1, 2]
     assert len({c.message.content for c in r.choices}) > 1  # each choice samples on its own
     total = 0

@@ -36,7 +36,7 @@ def test_a_bounded_storm_leaves_the_server_as_it_was(world_server):
     base = world_server
     with httpx.Client(base_url=base, timeout=60) as http:
         before = answer(http)
-        adapters = ["base", "shift-3", "add-1", "verifier"]
+        adapters = ["base", "replace-lx", "add-1", "verifier"]
         known = {m["id"] for m in http.get("/v1/models").json()["data"]}
         adapters = [a for a in adapters if a in known]
     rng = random.Random(0)

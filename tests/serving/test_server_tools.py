@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from skills.tasks import parse_answer
-from tests.serving.server_helpers import CALCULATOR, PROBLEM, SHIFT, assert_error, chat, n_tokens, render
+from tests.serving.server_helpers import CALCULATOR, PROBLEM, UNSURE, assert_error, chat, n_tokens, render
 
 
 def _calculate(expression: str) -> int:
@@ -55,11 +55,11 @@ def test_tool_choice_none_required_and_named(client, http, engine, tok):
     c = chat(client, "base", PROBLEM, tools=[CALCULATOR], tool_choice="none").choices[0]
     assert (c.finish_reason, c.message.tool_calls, c.message.content) == ("stop", None, plain.message.content)
     # A prompt the tool selector calls nothing for: "auto" answers, "required" / named force a call.
-    auto = chat(client, "base", SHIFT[1], tools=[CALCULATOR]).choices[0]
+    auto = chat(client, "base", UNSURE, tools=[CALCULATOR]).choices[0]
     assert auto.finish_reason == "stop" and not auto.message.tool_calls
     named = {"type": "function", "function": {"name": "calculator"}}
     for choice in ("required", named):
-        c = chat(client, "base", SHIFT[1], tools=[CALCULATOR], tool_choice=choice).choices[0]
+        c = chat(client, "base", UNSURE, tools=[CALCULATOR], tool_choice=choice).choices[0]
         assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1
         assert c.message.tool_calls[0].function.name == "calculator"
         assert set(json.loads(c.message.tool_calls[0].function.arguments)) == {"expression"}
@@ -86,7 +86,7 @@ def test_stop_strings_cut_the_text_with_and_without_tools(client):
             "function": {"name": "calculator", "arguments": json.dumps({"expression": product})}}
     after_call = [{"role": "user", "content": PROBLEM}, {"role": "assistant", "content": "", "tool_calls": [call]},
                   {"role": "tool", "tool_call_id": "call_0", "content": str(_calculate(product))}]
-    cases = [(dict(messages=[{"role": "user", "content": PROBLEM}]), ["+", "73. 17", "Answer"]),
+    cases = [(dict(messages=[{"role": "user", "content": PROBLEM}]), ["+", "3. 1", "Answer"]),
              (dict(messages=after_call, tools=[CALCULATOR]), ["=", ". ", "Answer"])]
     for kw, stops in cases:
         full = client.chat.completions.create(model="base", temperature=0, **kw).choices[0].message.content

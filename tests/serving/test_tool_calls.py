@@ -79,6 +79,12 @@ def test_markup_parses_a_call_and_checks_what_a_request_may_ask():
     assert call.name == "calculator" and json.loads(call.arguments) == {"expression": "37*49"}
     assert call.id.startswith("call_") and fmt.parse("[CALC]6*7[/CALC]").arguments == '{"expression": "6*7"}'
     assert fmt.parse("no call here") is None
+    # what a proposer's unforced call must be to count: an argument, with no markup in it
+    assert fmt.well_formed(fmt.parse("[CALC]58*6"))
+    for junk in ("[CALC][CALC][CALC]", "[CALC][CALC]55", "[CALC]", "[CALC] [/CALC]"):
+        assert not fmt.well_formed(fmt.parse(junk)), junk
+    proposer = MarkupTools(proposer="tool_selector", invocation="<|select|>")
+    assert not proposer.well_formed(proposer.parse("[CALC]6*7<|select|>")) and proposer.well_formed(proposer.parse("[CALC]6*7"))
     req = ChatRequest(model="base", messages=[{"role": "user", "content": "x"}], tools=CALC)
     for choice in ("auto", "required", "function:calculator"):
         bound = fmt.bind(req.tools, choice)

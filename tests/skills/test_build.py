@@ -215,3 +215,13 @@ def test_a_build_with_other_settings_does_not_reuse_the_work_directory(tmp_path,
         B.build(tmp_path / "w", other, evaluate_after=False)
     with pytest.raises(ValueError, match="--from must be one of"):
         B.build(tmp_path / "w", other, evaluate_after=False, from_stage="bogus")
+
+
+def test_progress_shows_a_loss_only_where_there_is_one():
+    from types import SimpleNamespace
+
+    from skills.build import _loss_text
+
+    assert _loss_text(SimpleNamespace(fields={"loss": 0.12345})) == "loss 0.123"
+    for fields in ({"loss": float("nan")}, {}, {"loss": float("inf")}):  # compression phases, loading
+        assert _loss_text(SimpleNamespace(fields=fields)) == ""

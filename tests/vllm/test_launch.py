@@ -55,7 +55,7 @@ def test_world_launch_sets_the_flags_and_passes_vllm_flags_through(execs):
     assert _flag(argv, "--model") == str(world.base_dir)
     assert _flag(argv, "--served-model-name") == "base" and _flag(argv, "--port") == "8177"
     assert "--enable-lora" in argv and "--enable-prompt-tokens-details" in argv
-    assert _flag(argv, "--max-lora-rank") == "32"  # the bank's rank 32; the skills are rank 2
+    assert _flag(argv, "--max-lora-rank") == "16"  # the bank's rank 16, the skills' rank 16
     assert _flag(argv, "--block-size") == "32" and _flag(argv, "--dtype") == "float32"
     assert argv[-4:] == ["--tensor-parallel-size", "4", "--pipeline-parallel-size=2", "--enforce-eager"]
     assert plan.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and plan.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
@@ -83,7 +83,7 @@ def test_a_vllm_the_alora_patches_do_not_cover_gets_stripped_copies(execs_other)
         cfg = json.loads((Path(m["path"]) / "adapter_config.json").read_text())
         src = world.skill_dir(m["name"])
         assert "alora_invocation_tokens" in json.loads((src / "adapter_config.json").read_text())
-        assert "alora_invocation_tokens" not in cfg and cfg["r"] == 2
+        assert "alora_invocation_tokens" not in cfg and cfg["r"] == 16
         assert (Path(m["path"]) / "adapter_model.safetensors").read_bytes() == \
             (src / "adapter_model.safetensors").read_bytes()
     assert not Catalog.load(plan.env[CATALOG_ENV]).activated
@@ -97,7 +97,7 @@ def test_user_flags_win_and_owned_flags_are_refused(execs, tmp_path):
     assert _flag(argv, "--max-lora-rank") == "64"
     assert main(["serve", "--engine", "vllm", "--lora-modules", "x=/tmp"]) == 1  # use --adapter NAME=DIR
     assert main(["serve", "--engine", "vllm", "--max-lora-rank", "24"]) == 1  # not a vLLM rank
-    assert main(["serve", "--engine", "vllm", "--max-lora-rank", "16"]) == 1  # below the bank's 32
+    assert main(["serve", "--engine", "vllm", "--max-lora-rank", "8"]) == 1  # below the bank's 16
     assert main(["serve", "--tensor-parallel-size", "4"]) == 1  # the kilolora engine takes no vLLM flags
     assert main(["serve", "--vllm-python", sys.executable]) == 1
     assert len(execs) == 1
@@ -128,18 +128,18 @@ def test_rank_is_the_smallest_vllm_accepts():
 
 
 def test_bank_entries_are_exported_on_demand_as_dense_peft_dirs(tmp_path):
-    """The export holds the bank's own factors (rank 32, lora_A = Vᵀ, lora_B = U Σ), is written
+    """The export holds the bank's own factors (rank 16, lora_A = Vᵀ, lora_B = U Σ), is written
     once per bank content, and kilolora's engine serving it gives the bank entry's tokens."""
     world = World.load()
     catalog = Catalog(banks=[str(world.bank_dir)], cache=str(tmp_path))
-    path = catalog.materialise("base:shift-3")
-    assert path == catalog.materialise("shift-3") and sorted(p.name for p in path.parent.iterdir()) == ["shift-3"]
+    path = catalog.materialise("base:replace-lx")
+    assert path == catalog.materialise("replace-lx") and sorted(p.name for p in path.parent.iterdir()) == ["replace-lx"]
     cfg = json.loads((path / "adapter_config.json").read_text())
-    assert cfg["r"] == 32 and cfg["lora_alpha"] == 32 and "alora_invocation_tokens" not in cfg
+    assert cfg["r"] == 16 and cfg["lora_alpha"] == 16 and "alora_invocation_tokens" not in cfg
     from compression import Bank
 
     bank = Bank.load(world.bank_dir)
-    lora_A, lora_B = bank.factors("shift-3")
+    lora_A, lora_B = bank.factors("replace-lx")
     tensors = load_file(str(path / "adapter_model.safetensors"))
     for t in lora_A:
         torch.testing.assert_close(tensors[t + ".lora_A.weight"], lora_A[t], rtol=0, atol=0)
@@ -159,11 +159,11 @@ def test_bank_entries_are_exported_on_demand_as_dense_peft_dirs(tmp_path):
     engine = world.engine()
     engine.load_adapter("exported", path)
     tok = engine.tokenizer
-    prompt = tok.apply_chat_template([{"role": "user", "content": "shift: hello"}], tokenize=False,
+    prompt = tok.apply_chat_template([{"role": "user", "content": "replace: hello"}], tokenize=False,
                                      add_generation_prompt=True)
     greedy = SamplingParams(max_tokens=12, temperature=0.0)
-    [base, entry, exported] = engine.generate([prompt] * 3, adapter=[None, "shift-3", "exported"], params=greedy)
-    assert entry.token_ids != base.token_ids and entry.text == "khoor"
+    [base, entry, exported] = engine.generate([prompt] * 3, adapter=[None, "replace-lx", "exported"], params=greedy)
+    assert entry.token_ids != base.token_ids and entry.text == "hexxo"
     assert exported.token_ids == entry.token_ids
 
 

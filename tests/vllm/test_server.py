@@ -26,7 +26,7 @@ from tests.helpers import free_port, server_process
 
 pytest.importorskip("vllm")
 
-BANK_NAMES = ["shift-3", "replace-by", "add-2", "shift-11"]
+BANK_NAMES = ["replace-lx", "replace-by", "add-2", "shift-11"]
 PROBLEMS = ["37*49+12", "58*63-17", "12*34+5"]
 STARTUP_S = 300
 
@@ -95,8 +95,8 @@ def test_bank_entries_are_resolved_on_demand_and_greedy_identical(server, engine
         assert ours != base, name  # the adapter changes the output
         assert theirs == ours, name
     # `base:NAME` is NAME, as in kilolora's server
-    prompt = _chat(engine, "shift: world")
-    assert _greedy(url, "base:shift-3", [prompt]) == _ours(engine, "shift-3", [prompt])
+    prompt = _chat(engine, "replace: world")
+    assert _greedy(url, "base:replace-lx", [prompt]) == _ours(engine, "replace-lx", [prompt])
     # exactly the requested entries were exported, each once, at the bank's rank
     exported = sorted(p.name for p in cache.glob("bank-*/*"))
     assert exported == sorted(BANK_NAMES)
