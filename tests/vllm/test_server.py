@@ -88,9 +88,9 @@ def test_base_is_greedy_identical_to_kilolora(server, engine):
 def test_bank_entries_are_resolved_on_demand_and_greedy_identical(server, engine):
     url, cache = server
     assert not list(cache.glob("bank-*/*"))  # nothing exported before a request names it
-    inputs = {"shift": "hello", "replace": "baby", "add": "123"}
+    inputs = {"replace-lx": "hello", "replace-by": "baby", "add-2": "123", "shift-11": "hello"}  # each changes its input
     for name in BANK_NAMES:
-        prompt = _chat(engine, f"{name.split('-')[0]}: {inputs[name.split('-')[0]]}")
+        prompt = _chat(engine, f"{name.split('-')[0]}: {inputs[name]}")
         [theirs], [ours], [base] = _greedy(url, name, [prompt]), _ours(engine, name, [prompt]), _ours(engine, None, [prompt])
         assert ours != base, name  # the adapter changes the output
         assert theirs == ours, name
@@ -100,7 +100,7 @@ def test_bank_entries_are_resolved_on_demand_and_greedy_identical(server, engine
     # exactly the requested entries were exported, each once, at the bank's rank
     exported = sorted(p.name for p in cache.glob("bank-*/*"))
     assert exported == sorted(BANK_NAMES)
-    assert {json.loads((p / "adapter_config.json").read_text())["r"] for p in cache.glob("bank-*/*")} == {32}
+    assert {json.loads((p / "adapter_config.json").read_text())["r"] for p in cache.glob("bank-*/*")} == {16}
     listed = {m.id for m in HttpBackend(url + "/v1").client.models.list().data}
     assert {"base", "verifier", "self_eval", "tool_selector", *BANK_NAMES} <= listed
 
@@ -113,7 +113,7 @@ def test_an_unknown_name_is_a_404(server):
 
 
 def test_runtime_load_serves_a_new_adapter_identically(server, engine, tmp_path):
-    """/v1/load_lora_adapter with a PEFT dir exported by `kilolora bank export` (bfloat16, rank 32)."""
+    """/v1/load_lora_adapter with a PEFT dir exported by `kilolora bank export` (bfloat16, rank 16)."""
     url, _ = server
     from compression import Bank
 
