@@ -24,7 +24,7 @@ CALCULATOR = {"type": "function", "function": {
     "name": "calculator", "description": "evaluate an arithmetic expression",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
 PROBLEM = "37*49+12"
-SHIFT = ("replace-lx", "replace: hello")  # a task adapter and a prompt its task needs it for
+TASK = ("replace-lx", "replace: hello")  # a task adapter and a prompt its task needs it for
 UNSURE = "shift: hello"  # the base cannot know k for a bare `shift:`: sampled at T = 1 it varies with the seed
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.serving.server_helpers import SHIFT, WORLD, assert_error, chat, reference, render, sse
+from tests.serving.server_helpers import TASK, WORLD, assert_error, chat, reference, render, sse
 
 
 def test_load_serve_and_unload_a_peft_adapter(client, http, engine, tok, tmp_path):
@@ -14,7 +14,7 @@ def test_load_serve_and_unload_a_peft_adapter(client, http, engine, tok, tmp_pat
 
     from compression import Bank, save_adapter
 
-    adapter_dir = Bank.load(WORLD.bank_dir).export(SHIFT[0], tmp_path / "exported")  # a plain PEFT directory
+    adapter_dir = Bank.load(WORLD.bank_dir).export(TASK[0], tmp_path / "exported")  # a plain PEFT directory
     name = "my-shift"
     r = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapter_dir)})
     assert r.status_code == 200, r.text
@@ -22,15 +22,15 @@ def test_load_serve_and_unload_a_peft_adapter(client, http, engine, tok, tmp_pat
     assert m.parent == "base" and m.root == str(adapter_dir)
     engine.load_adapter(name, adapter_dir)
     try:
-        want = reference(engine, render(tok, SHIFT[1]), name, 48).text
+        want = reference(engine, render(tok, TASK[1]), name, 48).text
     finally:
         engine.unload_adapter(name)
-    assert want != reference(engine, render(tok, SHIFT[1]), None, 48).text
-    assert chat(client, name, SHIFT[1]).choices[0].message.content == want
-    assert chat(client, "base:" + name, SHIFT[1]).choices[0].message.content == want
+    assert want != reference(engine, render(tok, TASK[1]), None, 48).text
+    assert chat(client, name, TASK[1]).choices[0].message.content == want
+    assert chat(client, "base:" + name, TASK[1]).choices[0].message.content == want
     assert_error(http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(adapter_dir)}), 400,
                  param="lora_name")  # already loaded
-    body = {"model": name, "messages": [{"role": "user", "content": SHIFT[1]}], "max_tokens": 200,
+    body = {"model": name, "messages": [{"role": "user", "content": TASK[1]}], "max_tokens": 200,
             "ignore_eos": True, "stream": True}
     with http.stream("POST", "/v1/chat/completions", json=body) as running:
         lines = running.iter_lines()
@@ -42,7 +42,7 @@ def test_load_serve_and_unload_a_peft_adapter(client, http, engine, tok, tmp_pat
     assert r.status_code == 200, r.text
     assert name not in {m.id for m in client.models.list().data}
     with pytest.raises(openai.NotFoundError):
-        chat(client, name, SHIFT[1])
+        chat(client, name, TASK[1])
     assert_error(http.post("/v1/unload_lora_adapter", json={"lora_name": name}), 404, "model_not_found")
     err = assert_error(http.post("/v1/load_lora_adapter", json={"lora_name": "bank", "lora_path": str(WORLD.bank_dir)}),
                        400, param="lora_path")
@@ -67,20 +67,20 @@ def test_load_inplace_replaces_the_weights_under_the_same_name(client, http, eng
     from compression import Bank
 
     bank = Bank.load(WORLD.bank_dir)
-    first, second = bank.export(SHIFT[0], tmp_path / "first"), bank.export(bank.names[-1], tmp_path / "second")
+    first, second = bank.export(TASK[0], tmp_path / "first"), bank.export(bank.names[-1], tmp_path / "second")
     name = "swapped"
     assert http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(first)}).status_code == 200
     try:
-        before = chat(client, name, SHIFT[1]).choices[0].message.content
+        before = chat(client, name, TASK[1]).choices[0].message.content
         assert_error(http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(second)}), 400,
                      param="lora_name")
         r = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(second), "load_inplace": True})
         assert r.status_code == 200, r.text
         engine.load_adapter(name, second)
         try:
-            want = reference(engine, render(tok, SHIFT[1]), name, 48).text
+            want = reference(engine, render(tok, TASK[1]), name, 48).text
         finally:
             engine.unload_adapter(name)
-        assert chat(client, name, SHIFT[1]).choices[0].message.content == want != before
+        assert chat(client, name, TASK[1]).choices[0].message.content == want != before
     finally:
         http.post("/v1/unload_lora_adapter", json={"lora_name": name})

@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from tests.serving.server_helpers import PROBLEM, SHIFT, UNSURE, chat, n_tokens, reference, render
+from tests.serving.server_helpers import PROBLEM, TASK, UNSURE, chat, n_tokens, reference, render
 
 
-@pytest.mark.parametrize("model,content", [("base", PROBLEM), SHIFT])
+@pytest.mark.parametrize("model,content", [("base", PROBLEM), TASK])
 def test_chat_and_completion_equal_the_in_process_engine(client, engine, tok, model, content):
     prompt = render(tok, content)
     want = reference(engine, prompt, model, 48)
@@ -35,7 +35,7 @@ def test_chat_and_completion_equal_the_in_process_engine(client, engine, tok, mo
 
 
 def test_streamed_chat_equals_the_non_streamed_text(client, tok):
-    for model, content in [("base", PROBLEM), SHIFT]:
+    for model, content in [("base", PROBLEM), TASK]:
         whole = chat(client, model, content)
         chunks = list(chat(client, model, content, stream=True, stream_options={"include_usage": True}))
         assert all(ch.object == "chat.completion.chunk" and ch.id == chunks[0].id for ch in chunks)

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from serving.openai.boundary import IGNORED_HEADER, Gate
 from serving.openai.protocol import ChatRequest, CompletionRequest, ContentPart, Message
-from tests.serving.server_helpers import PROBLEM, SHIFT, WORLD, assert_error, chat, n_tokens, reference, render, sse
+from tests.serving.server_helpers import PROBLEM, TASK, WORLD, assert_error, chat, n_tokens, reference, render, sse
 
 HEADER = IGNORED_HEADER
 
@@ -178,16 +178,16 @@ def test_models_retrieve(client, http, engine, tmp_path):
     base = client.models.retrieve("base")
     assert (base.id, base.object, base.parent, base.max_model_len) == ("base", "model", None, engine.max_model_len)
     listed = {m.id: m.model_dump(exclude={"created"}) for m in client.models.list().data}
-    for name in ["base", SHIFT[0], "verifier"]:
+    for name in ["base", TASK[0], "verifier"]:
         assert client.models.retrieve(name).model_dump(exclude={"created"}) == listed[name]
-    named = client.models.retrieve("base:" + SHIFT[0])  # the SDK leaves `:` as is
-    assert (named.id, named.parent, named.root) == ("base:" + SHIFT[0], "base", listed[SHIFT[0]]["root"])
+    named = client.models.retrieve("base:" + TASK[0])  # the SDK leaves `:` as is
+    assert (named.id, named.parent, named.root) == ("base:" + TASK[0], "base", listed[TASK[0]]["root"])
     for missing in ["nope", "base:nope", "team/nope"]:
         with pytest.raises(openai.NotFoundError) as e:
             client.models.retrieve(missing)
         assert e.value.code == "model_not_found"
     # an adapter name with `/` (the SDK sends it as %2F)
-    path = Bank.load(WORLD.bank_dir).export(SHIFT[0], tmp_path / "exported")
+    path = Bank.load(WORLD.bank_dir).export(TASK[0], tmp_path / "exported")
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "team/shift", "lora_path": str(path)})
     assert r.status_code == 200, r.text
     try:
@@ -234,10 +234,10 @@ def value(families: dict, family: str, sample: str, **labels) -> float:
 def test_metrics_count_the_requests_made(http, client, tok):
     before, _ = scrape(http)
     whole = chat(client, "base", PROBLEM)
-    streamed = list(chat(client, "base", SHIFT[1], stream=True, stream_options={"include_usage": True}))
+    streamed = list(chat(client, "base", TASK[1], stream=True, stream_options={"include_usage": True}))
     after, text = scrape(http)
     usage = [whole.usage, streamed[-1].usage]
-    assert usage[1].prompt_tokens == n_tokens(tok, render(tok, SHIFT[1]))
+    assert usage[1].prompt_tokens == n_tokens(tok, render(tok, TASK[1]))
 
     def delta(family, sample, **labels):
         return value(after, family, sample, **labels) - value(before, family, sample, **labels)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx2 as httpx
 import pytest
 
-from tests.serving.server_helpers import CALCULATOR, PROBLEM, SHIFT, assert_error, chat, n_tokens, reference, render, \
+from tests.serving.server_helpers import CALCULATOR, PROBLEM, TASK, assert_error, chat, n_tokens, reference, render, \
     settled, sse
 
 
@@ -51,9 +51,9 @@ def test_bad_requests_get_openai_errors_and_disturb_no_one(http, engine, tok):
         ("/v1/chat/completions", {"model": "base", "messages": [{"role": "user", "content": "x" * (2 << 20)}]}, 413,
          "request_too_large", None),
     ]
-    body = {"model": SHIFT[0], "messages": [{"role": "user", "content": PROBLEM}], "temperature": 0,
+    body = {"model": TASK[0], "messages": [{"role": "user", "content": PROBLEM}], "temperature": 0,
             "max_tokens": 64, "ignore_eos": True, "stream": True}
-    want = reference(engine, render(tok, PROBLEM), SHIFT[0], 64, ignore_eos=True)
+    want = reference(engine, render(tok, PROBLEM), TASK[0], 64, ignore_eos=True)
     with http.stream("POST", "/v1/chat/completions", json=body) as good:
         lines = good.iter_lines()
         head = [next(lines) for _ in range(4)]  # the request is running on the engine from here on
@@ -100,7 +100,7 @@ def test_clients_that_leave_at_once_leak_nothing(server, http):
             "ignore_eos": True, "n": 8, "temperature": 1, "stream": True}
 
     def leave(i: int) -> None:
-        body = {"model": SHIFT[0], "messages": [{"role": "user", "content": f"shift: abc{i}"}], "n": 2,
+        body = {"model": TASK[0], "messages": [{"role": "user", "content": f"shift: abc{i}"}], "n": 2,
                 "max_tokens": 20, "stream": True}
         with httpx.Client(timeout=60) as c, c.stream("POST", server + "/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
@@ -117,7 +117,7 @@ def test_clients_that_leave_at_once_leak_nothing(server, http):
 
 
 def test_32_concurrent_streams_and_one_disconnect(client, http):
-    jobs = [("base", PROBLEM), SHIFT, ("shift-1", "shift: world"), ("add-2", "add: 3071"), ("base", "12*34-5"),
+    jobs = [("base", PROBLEM), TASK, ("shift-1", "shift: world"), ("add-2", "add: 3071"), ("base", "12*34-5"),
             ("base:shift-7", "shift: abc"), ("shift-3", "shift: xyz"), ("base", "88*9+1")]
     refs = {job: chat(client, *job).choices[0].message.content for job in jobs}
     assert len(set(refs.values())) == len(jobs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.serving.server_helpers import SHIFT, chat, reference, render
+from tests.serving.server_helpers import TASK, chat, reference, render
 
 
 def test_models_lists_the_base_and_every_adapter(client, engine):
@@ -16,11 +16,11 @@ def test_models_lists_the_base_and_every_adapter(client, engine):
     assert sorted(m.id for m in adapters) == sorted(engine.adapters)
     assert len(adapters) == len(engine.adapters) > 300
     assert all(m.parent == "base" and m.object == "model" for m in adapters)
-    assert {"verifier", "self_eval", "tool_selector", "shift-1", SHIFT[0]} <= {m.id for m in adapters}
+    assert {"verifier", "self_eval", "tool_selector", "shift-1", TASK[0]} <= {m.id for m in adapters}
 
 
 def test_model_name_picks_the_adapter(client, engine, tok):
-    adapter, content = SHIFT
+    adapter, content = TASK
     base = chat(client, "base", content).choices[0].message.content
     named = chat(client, adapter, content).choices[0].message.content
     assert named != base  # the task adapter knows k = 3; the base cannot

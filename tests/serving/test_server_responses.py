@@ -31,7 +31,7 @@ from serving.openai.responses_protocol import ResponsesRequest
 from serving.openai.serving import Prepared
 from serving.openai.tool_formats import HermesTools
 from skills.tasks import parse_answer
-from tests.serving.server_helpers import PROBLEM, SHIFT, WORLD, assert_error, chat
+from tests.serving.server_helpers import PROBLEM, TASK, WORLD, assert_error, chat
 
 CALCULATOR = {"type": "function", "name": "calculator", "description": "evaluate an arithmetic expression",
               "parameters": {"type": "object", "properties": {"expression": {"type": "string"}},
@@ -68,7 +68,7 @@ def events(http, body: dict) -> list[dict]:
 
 
 # --------------------------------------------------------------------------- text
-@pytest.mark.parametrize("model,content", [("base", PROBLEM), SHIFT])
+@pytest.mark.parametrize("model,content", [("base", PROBLEM), TASK])
 def test_text_input_equals_the_chat_completion(client, http, model, content):
     want = chat(client, model, content)
     assert want.choices[0].message.content
@@ -192,7 +192,7 @@ def test_function_call_round_trip(client, http):
     assert respond(client, PROBLEM, tools=[CALCULATOR], tool_choice="none").output_text == \
         respond(client, PROBLEM).output_text
     for choice in ("required", {"type": "function", "name": "calculator"}):
-        [forced] = respond(client, SHIFT[1], tools=[CALCULATOR], tool_choice=choice).output
+        [forced] = respond(client, TASK[1], tools=[CALCULATOR], tool_choice=choice).output
         assert forced.type == "function_call" and set(json.loads(forced.arguments)) == {"expression"}
 
 

@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from tests.helpers import teacher_forced
-from tests.serving.server_helpers import PROBLEM, SHIFT, WORLD, assert_error, reference, render, sse
+from tests.serving.server_helpers import PROBLEM, TASK, WORLD, assert_error, reference, render, sse
 
 ATOL = 1e-4
-ADAPTER = SHIFT[0]  # a task adapter (a bank entry)
+ADAPTER = TASK[0]  # a task adapter (a bank entry)
 
 
 def ids_of(tok, text: str) -> list[int]:
@@ -60,7 +60,7 @@ def hf_logprobs():
 @pytest.mark.parametrize("model", ["base", ADAPTER, "verifier"])
 def test_echo_scores_the_prompt_with_the_engines_numbers(client, engine, tok, model):
     adapter = None if model == "base" else model
-    text = render(tok, SHIFT[1] if model == ADAPTER else PROBLEM) + ("Answer: 7<|verify|>y" if model == "verifier"
+    text = render(tok, TASK[1] if model == ADAPTER else PROBLEM) + ("Answer: 7<|verify|>y" if model == "verifier"
                                                                      else "")
     ids = ids_of(tok, text)
     want = teacher_forced(engine, ids, adapter).tolist()
@@ -193,7 +193,7 @@ def test_text_offsets_and_streamed_echo_add_up(http, tok):
 
 
 def test_batched_prompts_and_n_are_each_scored_right(client, engine, tok):
-    texts = [render(tok, PROBLEM), render(tok, SHIFT[1]), "1+2=3", "x"]
+    texts = [render(tok, PROBLEM), render(tok, TASK[1]), "1+2=3", "x"]
     ids = [ids_of(tok, t) for t in texts]
     for prompt in (texts, ids):
         r = client.completions.create(model=ADAPTER, prompt=prompt, echo=True, max_tokens=0, logprobs=0, n=2)

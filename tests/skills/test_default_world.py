@@ -119,12 +119,11 @@ def test_bank_saves_95_percent_and_keeps_the_measured_quality(world, report):
 
 def _target_shapes(world):
     """(in, out) features of every adapted projection of the base (all seven, every layer)."""
-    import json as _json
+    from serving.config import ModelConfig
 
-    cfg = _json.loads((world.base_dir / "config.json").read_text())
-    h, m, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"] * cfg["head_dim"]
-    per_layer = [(h, h), (h, kv), (h, kv), (h, h), (h, m), (h, m), (m, h)]
-    return per_layer * cfg["num_hidden_layers"]
+    cfg = ModelConfig.from_dir(world.base_dir)
+    modules = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    return [cfg.module_shape(m) for m in modules] * cfg.num_layers
 
 
 def test_yes_no_skills_put_their_mass_on_their_answers(world):
