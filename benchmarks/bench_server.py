@@ -12,9 +12,10 @@ Reported per side: requests/s, generated tokens/s, p50/p99 request latency, and 
 
 The server runs as a subprocess: its CPU time (uvicorn, JSON, pydantic, the engine thread) is
 then measured apart from the clients', and the client threads do not share its GIL, as with real
-clients. Both share the machine's cores, as clients on the same host do.
-On a small machine the server's torch threads then compete with the client threads and its own
-event loop for the cores (the in-process engine has them to itself): compare OMP_NUM_THREADS=1.
+clients. Both share the machine's cores, as clients on the same host do. The server runs as users
+run it: by default it leaves one core of torch's to its event loop (`kilolora serve
+--torch-threads`, printed below), while the in-process engine keeps torch's default (it has the
+cores to itself); OMP_NUM_THREADS=1 runs both sides on one thread.
 The in-process side gets the prompt ids ready-made; the server renders and tokenizes each chat.
 
 Correctness first: an untimed warm-up run of each side per N must give the same texts (and token
@@ -33,6 +34,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import socket
 import statistics
@@ -137,6 +139,12 @@ class Server:
                 self.log.seek(0)
                 raise SystemExit(f"the server did not come up ({' '.join(cmd)}):\n{self.log.read().decode()[-3000:]}")
             time.sleep(0.2)
+
+    def torch_threads(self) -> str:
+        """The torch threads the server says it runs with (its startup line), or '?'."""
+        self.log.seek(0)
+        m = re.search(rb"(\d+) torch threads?", self.log.read())
+        return m.group(1).decode() if m else "?"
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
@@ -295,10 +303,11 @@ def main() -> None:
           f"{a.max_tokens}{' (ignore_eos)' if a.ignore_eos else ''}, {a.requests} per client; adapters: "
           f"{', '.join(models)}; kv cache {a.kv_cache_tokens}, max batch tokens {a.max_batch_tokens}; "
           f"median of {a.repeats}")
-    print("server: `kilolora serve` subprocess on 127.0.0.1 (same environment, so the same torch threads; its CPU "
-          "counted apart); clients: one thread and one openai.OpenAI each, in this process", flush=True)
+    print("server: `kilolora serve` subprocess on 127.0.0.1 (same environment; its CPU counted apart); clients: "
+          "one thread and one openai.OpenAI each, in this process", flush=True)
 
     server = Server(engine_kw)
+    print(f"server: torch threads {server.torch_threads()} (in-process: {torch.get_num_threads()})", flush=True)
     stepper = ThreadPoolExecutor(1, thread_name_prefix="in-process-engine")
     rows = []
     try:

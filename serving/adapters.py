@@ -281,6 +281,11 @@ class AdapterRegistry:
         fused, cores_by_rank = {}, {}
         cast = lambda t: t.to(self.device, self.dtype).contiguous()  # noqa: E731
         r, k, n = bank.rank, bank.num_clusters, len(bank.entries)
+        # A folded bank's per-token math (cores, expand) is a few tiny GEMMs per group: on CPU in
+        # bfloat16 each costs ~40-60 us of oneDNN dispatch, in float32 ~10 (MKL), so it runs in
+        # float32 there (more exact too); x V comes out of the base GEMM in the model's dtype.
+        small = torch.float32 if self.fold and k == 1 and self.model is not None else self.dtype
+        cast_small = lambda t: t.to(self.device, small).contiguous()  # noqa: E731
         diag = next(iter(bank.cores.values())).dim() == 2  # jd-diag, and svd (each adapter its own basis)
         for layer in range(self.config.num_layers):
             for group, modules in FUSED_GROUPS.items():
@@ -313,7 +318,7 @@ class AdapterRegistry:
                     # (+24 rows on a 512x256 weight is within noise; a separate small mm costs
                     # ~15-30 us per call on CPU).
                     self._folded_bytes += self.model.add_extra_outputs(layer, group, cast(V[0].T))
-                    self._folded[(layer, group)] = (cast(U[0].T), rg, j)
+                    self._folded[(layer, group)] = (cast_small(U[0].T), rg, j)
                     if len(present) > 1:
                         blocks = []
                         for jj, m in enumerate(present):
@@ -322,7 +327,7 @@ class AdapterRegistry:
                         self._folded_blocks[(layer, group)] = blocks
                 else:
                     self._grouped[(layer, group)] = (cast(V), cast(U.transpose(1, 2)), rg, j)
-        self._cores = {rg: cast(torch.stack(c)) for rg, c in cores_by_rank.items()}
+        self._cores = {rg: cast_small(torch.stack(c)) for rg, c in cores_by_rank.items()}
         self._bank, self.bank = fused, bank
         return [self._new(prefix + e.name, kind="bank", index=e.index, cluster=e.cluster, r=e.r,
                           config=e.config, alora_invocation_tokens=e.alora_invocation_tokens)

@@ -5,6 +5,12 @@ adapter loading) runs on the engine thread between steps, through `call`. A gene
 its `Delta`s back to the coroutine that submitted it through an `asyncio.Queue`. Requests from any
 number of clients are therefore one continuous batch: each `step()` advances all of them together.
 Closing a sequence (a client disconnected) frees its blocks before the next step.
+
+A command sent while a step runs waits for it to end, so a request that needs k commands in a row
+before its job is queued starts about k steps late; and every answer wakes the event loop, which
+then takes the GIL from the engine thread. `stream` opens a sequence and submits its job in one
+command that nothing waits for, and closes it with another: the server sends each request's work
+that way.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,13 +119,54 @@ class AsyncEngine:
             self._streams[seq] = _Stream(loop, q, every)
 
         await self.call(submit)
-        while True:
-            d = await q.get()
-            if isinstance(d, BaseException):
-                raise d
+        async for d in _deltas(q):
             yield d
-            if d.finished is not None:
+
+    async def stream(self, prompt: Sequence[int], params: SamplingParams, adapter: str | None = None,
+                     group: object = None, every: bool = True) -> AsyncIterator[Delta]:
+        """`Engine.stream` on the engine thread: open a sequence holding `prompt` (under `adapter`, in
+        `group`) and generate on it, then close it when the iteration ends (finished, failed or
+        cancelled). Errors of `open` (KeyError: no such adapter) and of `submit` (ValueError) are
+        raised here, and leave no sequence behind.
+
+        Opening and submitting are one command, sent without waiting for an answer: the job joins
+        the next step, and the event loop is woken only for the job's deltas. (As `call(open)`, then
+        `generate`, each command waits for a step to end and wakes the loop with its result, and
+        on a busy engine the request starts a step later.) The sequence's id stays on the engine
+        thread, where the closing command, queued after the opening one, reads it."""
+        if self._thread is None or not self._thread.is_alive():
+            raise EngineDied("the engine thread is not running")
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        opened: list[int] = []
+
+        def submit():
+            try:
+                seq = self.engine.open(prompt, adapter, group)
+                try:
+                    self.engine.submit(seq, params)
+                except Exception:
+                    self.engine.close(seq)
+                    raise
+            except Exception as err:  # raised to the caller by `_deltas`
+                loop.call_soon_threadsafe(q.put_nowait, err)
                 return
+            opened.append(seq)
+            self._streams[seq] = _Stream(loop, q, every)
+
+        def close():
+            for seq in opened:
+                self._streams.pop(seq, None)
+                self.engine.close(seq)
+
+        self._commands.put((submit, (), None, None))
+        self._wake.set()
+        try:
+            async for d in _deltas(q):
+                yield d
+        finally:
+            self._commands.put((close, (), None, None))  # after `submit`: commands run in order
+            self._wake.set()
 
     async def prefill(self, seq: int) -> int:
         """Compute an idle sequence's context (so that forks share it); returns the tokens computed."""
@@ -129,8 +176,8 @@ class AsyncEngine:
         def submit():
             if self.engine.submit_prefill(seq):
                 self._prefills[seq] = (loop, fut)
-            else:
-                fut.set_result(0)
+            else:  # a future is the event loop's: set it there
+                loop.call_soon_threadsafe(_settle, fut, 0, None)
 
         await self.call(submit)
         return await fut
@@ -267,6 +314,17 @@ class AsyncEngine:
             except Exception:
                 pass
             loop.call_soon_threadsafe(_settle, fut, None, EngineDied(f"engine step failed: {err!r}"))
+
+
+async def _deltas(q: asyncio.Queue) -> AsyncIterator[Delta]:
+    """A job's deltas from its queue, through the one that finishes it; a failure is raised."""
+    while True:
+        d = await q.get()
+        if isinstance(d, BaseException):
+            raise d
+        yield d
+        if d.finished is not None:
+            return
 
 
 def _deliver(items: list[tuple[asyncio.Queue, Delta]]) -> None:

@@ -49,11 +49,14 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer=None, *, block_size: int = 16, kv_cache_tokens: int = 65536,
                  max_batch_tokens: int = 2048, max_model_len: int | None = None, seed: int = 0,
-                 max_lora_rank: int | None = None):
+                 max_lora_rank: int | None = None, packed_weights: bool | None = None):
         if block_size < 1 or kv_cache_tokens < block_size or max_batch_tokens < 1:
             raise ValueError(f"need block_size >= 1, kv_cache_tokens >= block_size, max_batch_tokens >= 1; got "
                              f"{block_size}, {kv_cache_tokens}, {max_batch_tokens}")
         self.model, self.tokenizer, self.config = model, tokenizer, model.config
+        # the packed path (serving.model.PackedWeights): None = where supported, False = the reference path
+        if packed_weights is False or model.packed is None:
+            model.use_packed(packed_weights)
         self.block_size = block_size
         self.max_batch_tokens = max_batch_tokens
         self.max_model_len = max_model_len if max_model_len is not None else model.config.max_position_embeddings

@@ -99,13 +99,15 @@ class LoraBatch:
         t, key = self.tensors, (layer, group)
         st = self.cores.get(key)
         if st is not None and extra is not None:  # a folded bank: extra = x V
-            ut, h = t.folded[key][0], apply_cores(extra, st, self.shared)
+            ut = t.folded[key][0]
+            h = apply_cores(extra if extra.dtype == ut.dtype else extra.float(), st, self.shared)  # (N, R)
             blocks = t.folded_blocks.get(key)
+            same = h.dtype == y.dtype  # else the cores and Uᵀ are float32 (`load_bank`)
             if blocks is None or h.shape[0] < BLOCK_EXPAND_MIN_ROWS:
-                y.addmm_(h, ut)  # (N, R) @ (R, d_out)
+                y.addmm_(h, ut) if same else y.add_(h @ ut)  # (N, R) @ (R, d_out)
             else:  # one (N, r) @ (r, d_m) per module of the group: Uᵀ's zero blocks cost nothing
                 for cols, out in blocks:
-                    y[:, out].addmm_(h[:, cols], ut[cols, out])
+                    y[:, out].addmm_(h[:, cols], ut[cols, out]) if same else y[:, out].add_(h[:, cols] @ ut[cols, out])
         elif st is not None and self.route is not None:
             v, ut, _, _ = t.grouped[key]
             bank_lora_routed(x, v, ut, st, y, self.route)

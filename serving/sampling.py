@@ -211,14 +211,33 @@ def _refuse(bad: torch.Tensor) -> None:
         raise NonFiniteLogits(bad.nonzero()[:, 0].tolist())
 
 
+def argmax(x: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """`x.argmax(-1)` of (B, V) float logits free of NaN, the first index of each row's maximum as
+    torch's: on CPU through `amax`, which is vectorised where `argmax` is not (16 x 49152: ~0.1 vs
+    0.85 ms). The row's first block holding its maximum, then the first position in that block."""
+    b, v = x.shape
+    nb = v // block
+    if x.device.type != "cpu" or nb < 2 or not x.is_contiguous():
+        return x.argmax(-1)
+    blocks = x[:, : nb * block].view(b, nb, block).amax(-1)  # (B, nb)
+    if nb * block < v:
+        blocks = torch.cat([blocks, x[:, nb * block:].amax(-1, keepdim=True)], dim=-1)
+    first = blocks.argmax(-1)  # (B,) the first block reaching the row's maximum
+    start = first * block
+    span = torch.arange(block, device=x.device)
+    idx = (start[:, None] + span).clamp_(max=v - 1)  # the tail block is shorter: clamped positions repeat its last
+    return start + x.gather(1, idx).argmax(-1)
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
     """Next token per row of `logits` (B, V) under each row's params; returns (B,) int64."""
     b, vocab = logits.shape
-    # -inf is a masked token (`penalize`); NaN, +inf or a row with nothing left is garbage.
-    _refuse(~(logits < math.inf).all(-1) | ~(logits > -math.inf).any(-1))
+    # -inf is a masked token (`penalize`); NaN, +inf or a row with nothing left is garbage: a row's
+    # max is NaN, +inf or -inf exactly then (one vectorised pass instead of three comparisons)
+    _refuse(~torch.isfinite(logits.amax(-1)))
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)
     if bool(greedy.all()):
-        return logits.argmax(-1)
+        return argmax(logits)
     temp = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
     x = logits / temp[:, None]  # (B, V)
     min_p = [i for i, p in enumerate(params) if p.min_p > 0 and not p.greedy]
@@ -247,7 +266,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     probs = x.float().softmax(-1)  # (B, V)
     noise = torch.stack([torch.empty(vocab, dtype=torch.float32).exponential_(generator=g) for g in generators])
     sampled = (probs / noise.to(probs.device)).argmax(-1)
-    return torch.where(greedy, logits.argmax(-1), sampled)
+    return torch.where(greedy, argmax(logits), sampled)
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:

@@ -17,6 +17,7 @@ def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"
           served_model_name: str = "base", kv_cache_tokens: int = 65536, max_batch_tokens: int = 2048,
           device: str = "cpu", api_key: str | None = None, allow_adapter_updates: bool = False,
           max_lora_rank: int | None = None, max_running: int = 512, request_timeout: float = 30.0,
+          torch_threads: int | None = None,
           log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning",
           vllm_python: str | None = None, vllm_args: list[str] = []) -> None:
     """Serve a base model and its adapters behind an OpenAI-compatible API.
@@ -56,7 +57,8 @@ def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"
     whole prompt, which lowers the world's tools/agent accuracy (README). vLLM's resolver needs
     runtime adapter updates, so /v1/load_lora_adapter is open (use --api-key off loopback). Of
     the options below, --tool-format, --kv-cache-tokens, --max-batch-tokens, --device,
-    --allow-adapter-updates, --max-running and --request-timeout are kilolora-engine only.
+    --allow-adapter-updates, --max-running, --request-timeout and --torch-threads are
+    kilolora-engine only.
 
     Args:
       model_dir: HF checkpoint or world directory, or a .gguf file (default: the embedded world)
@@ -81,6 +83,10 @@ def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"
       max_running: sequences in flight at once (a request counts prompts x n); more get 503
       request_timeout: seconds a client may take to send a request's headers, and again its body
         (slower ones are cut off: 408 for a body)
+      torch_threads: torch's intra-op threads for the engine (default: one fewer than torch's own
+        default, the physical cores, so that the HTTP front end keeps a core: with every core in the
+        engine's OpenMP team, each step stalls whenever the event loop or a client on the same
+        host takes one of them; OMP_NUM_THREADS or MKL_NUM_THREADS, when set, is kept)
       log_level: uvicorn's log level
       vllm_python: --engine vllm: the Python of the venv vLLM is installed in (default:
         $KILOLORA_VLLM_PYTHON, this Python if it has vllm, else .venv-vllm/bin/python)
@@ -89,6 +95,8 @@ def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"
         raise ValueError(f"unrecognized arguments: {' '.join(vllm_args)} (only --engine vllm passes flags on to vLLM)")
     if vllm_python is not None and engine != "vllm":
         raise ValueError("--vllm-python needs --engine vllm")
+    if torch_threads is not None and engine == "vllm":
+        raise ValueError("--torch-threads is for the kilolora engine; vLLM's CPU threads are its own flags")
     if engine == "vllm":
         return _serve_vllm(model_dir, bank=bank, adapter=adapter, host=host, port=port,
                            served_model_name=served_model_name, api_key=api_key, max_lora_rank=max_lora_rank,
@@ -105,10 +113,13 @@ def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"
         raise ValueError(f"--max-lora-rank and --max-running must be >= 1, got {max_lora_rank}, {max_running}")
     if not 0 < request_timeout <= 3600:
         raise ValueError(f"--request-timeout must be in (0, 3600] seconds, got {request_timeout}")
+    if torch_threads is not None and torch_threads < 1:
+        raise ValueError(f"--torch-threads must be >= 1, got {torch_threads}")
     api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
     if api_key is None and not _loopback(host):
         print(f"kilolora: warning: serving on {host} without an API key: anyone who can reach it can use it "
               f"(set --api-key or {API_KEY_ENV})", file=sys.stderr, flush=True)
+    threads = set_torch_threads(torch_threads)
     pairs = {}
     for a in adapter:
         name, sep, path = a.partition("=")
@@ -141,9 +152,26 @@ def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"
                      allow_adapter_updates=allow_adapter_updates, protected_adapters=protected)
     what = f"world {world.path}" if world is not None else model_dir
     tools = f"tool calls: {fmt.describe()}" if fmt is not None else "no tool calls"
-    print(f"kilolora: serving {what}: {served_model_name} + {len(engine.adapters)} adapters, {tools}\n"
+    print(f"kilolora: serving {what}: {served_model_name} + {len(engine.adapters)} adapters, {tools}, "
+          f"{threads} torch thread{'s' if threads != 1 else ''}\n"
           f"kilolora: OpenAI API at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     run(app, host=host, port=port, log_level=log_level, header_timeout_s=request_timeout)
+
+
+def set_torch_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads for a server's engine (see `serve --torch-threads`); returns them.
+
+    The engine steps on its own thread while the event loop parses, renders and answers requests
+    in the same process (and on a small host the clients run beside it). An OpenMP team as large
+    as the machine then oversubscribes it: a step's parallel regions wait for the member that lost
+    its core. vLLM's CPU backend likewise leaves cores to its front end."""
+    import torch
+
+    if threads is None:
+        chosen = any(v in os.environ for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))  # the user's choice: kept
+        threads = torch.get_num_threads() if chosen else max(1, torch.get_num_threads() - 1)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def _serve_vllm(model_dir: str | None, *, bank: str | None, adapter: list[str], host: str, port: int,

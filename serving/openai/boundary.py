@@ -184,7 +184,8 @@ async def read_body(request: Request, model, limits: ServerLimits):
     """The request body as a `model` (a pydantic request), or an APIError: 413 over
     `limits.max_body_bytes`, 408 when it does not arrive within `limits.body_timeout_s`, 400 for
     bad JSON or a value the model refuses. Fields the model does not know are dropped, logged (as
-    vLLM logs them) and kept on `request.state.ignored_fields` for `name_ignored`."""
+    vLLM logs them) and kept on `request.state.ignored_fields` for `name_ignored`; the body's size
+    is kept on `request.state.body_bytes`."""
     size = request.headers.get("content-length")
     if size is not None and size.isdigit() and int(size) > limits.max_body_bytes:
         raise APIError(413, f"request body of {size} bytes is over the limit of {limits.max_body_bytes}",
@@ -204,6 +205,7 @@ async def read_body(request: Request, model, limits: ServerLimits):
     except asyncio.TimeoutError:
         raise APIError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
                        code="request_timeout") from None
+    request.state.body_bytes = len(raw)
     data = parse_body(raw, limits.max_json_depth)
     try:
         req = model.model_validate(data)

@@ -34,6 +34,10 @@ from .serving import Serving
 
 log = logging.getLogger("kilolora.server")
 
+INLINE_BODY_BYTES = 2048
+"""a request body up to this size is rendered and tokenized on the event loop (a short chat takes
+well under a millisecond); a larger one on a worker thread, so that it cannot hold up the loop"""
+
 
 class Handlers:
     """One coroutine per route (see the module docstring); `api_server.create_app` wires them."""
@@ -54,7 +58,7 @@ class Handlers:
         req = await read_body(request, CompletionRequest, self.limits)
         serving = self.serving
         adapter = await serving.adapter_for(req.model)
-        preps = await asyncio.to_thread(serving.prepare_completion, req, adapter)  # tokenizing: off the event loop
+        preps = await self.off_loop(request, req, serving.prepare_completion, req, adapter)
         k = len(preps) * req.n
         self.admit(k)
         out = CompletionResponse(serving.tokenizer, req.model, sum(len(p.ids) for p in preps), k,
@@ -75,7 +79,7 @@ class Handlers:
         req = await read_body(request, ChatRequest, self.limits)
         serving = self.serving
         adapter = await serving.adapter_for(req.model)
-        prep = await asyncio.to_thread(serving.prepare_chat, req, adapter)
+        prep = await self.off_loop(request, req, serving.prepare_chat, req, adapter)
         self.admit(req.n)
         out = ChatResponse(serving.tokenizer, req.model, len(prep.ids), req.n, logprobs=bool(req.logprobs),
                            include_usage=_include_usage(req))
@@ -88,6 +92,17 @@ class Handlers:
             self.finished(arrival, out, choices, whole=True)
             return out.body(choices)
         return StreamingResponse(self.sse(work, out, req.n, arrival), media_type="text/event-stream")
+
+    async def off_loop(self, request: Request, req, fn, *args):
+        """`fn(*args)` (render, tokenize and check `req`) off the event loop, on a worker thread,
+        unless the body is small (`INLINE_BODY_BYTES`) and asks for no structured output (whose
+        grammar may take long to compile). The hop costs two GIL hand-offs, to the worker and back,
+        and while the engine thread steps each can wait up to the interpreter's switch interval:
+        longer than a short chat takes to render and tokenize."""
+        small = getattr(request.state, "body_bytes", INLINE_BODY_BYTES + 1) <= INLINE_BODY_BYTES
+        if small and req.structured() is None:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
 
     def finished(self, arrival: float, out: CompletionResponse | ChatResponse, choices: list[Choice],
                  whole: bool = False) -> None:

@@ -8,9 +8,13 @@ log-probability of each prompt token after the ones before it, in the shared bat
 numbers are those `Engine.score` gives; the choices then generate from the prefix cache it
 filled. Every choice runs on its own engine sequence, and every engine sequence of a request is
 closed when it ends, fails or is cancelled (a client that disconnects), so its blocks go back to
-the pool. Streaming goes through an `emit` callback per choice. Engine and
-registry state is read on the engine thread only (`AsyncEngine.call`); tokenizing and rendering run
-wherever the caller runs them (the handlers: on a worker thread).
+the pool. A request with one choice and no markup tool loop (the common case) is opened and
+submitted in one engine-thread command (`AsyncEngine.stream`), so that it joins the next engine step
+instead of waiting for one step per command. Streaming goes through an `emit` callback per choice.
+Engine and registry state is read on the engine thread only (`AsyncEngine.call`), but for the
+registry's names (`adapter_for`, a lookup that `open` checks again); tokenizing and rendering run
+wherever the caller runs them (the handlers: on the event loop for a small body, else on a worker
+thread).
 """
 
 from __future__ import annotations
@@ -74,8 +78,14 @@ class Serving:
 
     # --------------------------------------------------------------- requests
     async def adapter_for(self, model: str) -> str | None:
-        """`base` -> None; `NAME` or `base:NAME` -> NAME (404 for a model not served)."""
-        return await self.ae.call(self._adapter_for, model)  # the registry changes on the engine thread
+        """`base` -> None; `NAME` or `base:NAME` -> NAME (404 for a model not served).
+
+        Read here, on the event loop, not on the engine thread: a name lookup in the registry's
+        dict is atomic under the GIL, and waiting for the engine thread would hold the request back
+        until the step in progress ends. The registry changes on the engine thread only, so the
+        answer may be stale by the time the request runs: an adapter unloaded in between makes
+        `open` raise KeyError there, which is answered with the same 404."""
+        return self._adapter_for(model)
 
     def _adapter_for(self, model: str) -> str | None:
         name = model
@@ -285,6 +295,8 @@ class Serving:
         return PromptLogprobs(ids, r.logprobs, r.ranks, r.top, r.counters)
 
     async def _run_choices(self, prep: Prepared, emit: Emit | None, first_index: int, group: object) -> list[Choice]:
+        if prep.n == 1 and not isinstance(prep.tools, MarkupTools):  # one engine job: opened and submitted at once
+            return [await self._choice(None, prep.params, prep, first_index, emit, group)]
         seqs: list[int] = []
         try:
             try:
@@ -313,7 +325,10 @@ class Serving:
     async def generate(self, seq: int, params: SamplingParams, adapter: str | None, index: int,
                        emit: Emit | None, into: Choice) -> tuple[str, str | int | None, str]:
         """One engine job; its text and logprobs are added to `into`. Returns (text, stop_reason, finish)."""
-        async for d in self.ae.generate(seq, params, adapter, every=emit is not None):
+        return await self._collect(self.ae.generate(seq, params, adapter, every=emit is not None), index, emit, into)
+
+    async def _collect(self, deltas, index: int, emit: Emit | None, into: Choice) -> tuple[str, str | int | None, str]:
+        async for d in deltas:
             if emit is not None and (d.text or d.logprobs):
                 await emit(index, d.text, d.logprobs)
             if d.finished is None:
@@ -329,12 +344,23 @@ class Serving:
             return c.text or "", c.stop_reason, c.finish_reason
         raise APIError(500, "generation ended without a result", type="server_error")
 
-    async def _choice(self, seq: int, params: SamplingParams, prep: Prepared, index: int, emit: Emit | None) -> Choice:
+    async def _choice(self, seq: int | None, params: SamplingParams, prep: Prepared, index: int, emit: Emit | None,
+                      group: object = None) -> Choice:
+        """One choice on `seq`, or (`seq` None, not the markup format) on a sequence of the prompt
+        opened for it in `group`, in the same engine-thread command as its job, and closed after."""
         ch = Choice()
         fmt = prep.tools
         if isinstance(fmt, MarkupTools):
             return await markup_choice(self, seq, params, prep, index, emit, ch)
-        text, stop_reason, finish = await self.generate(seq, params, prep.adapter, index, emit, ch)
+        if seq is not None:
+            text, stop_reason, finish = await self.generate(seq, params, prep.adapter, index, emit, ch)
+        else:
+            try:
+                text, stop_reason, finish = await self._collect(
+                    self.ae.stream(prep.ids, params, prep.adapter, group, every=emit is not None), index, emit, ch)
+            except KeyError:  # the adapter was unloaded after the request was checked
+                raise APIError(404, f"The model `{prep.adapter}` does not exist.", param="model",
+                               code="model_not_found") from None
         text += await self.kept_stop(prep, stop_reason, index, emit)
         ch.text, ch.finish_reason = text, finish
         ch.stop_reason = stop_reason if isinstance(stop_reason, (str, int)) else None  # a stop string or token id
