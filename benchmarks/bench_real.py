@@ -352,17 +352,15 @@ def run(a, model_dir: Path, tmp: Path) -> int:
                  "rank": a.rank, "tf_max_adapters": a.tf_max_adapters}
     worker = [sys.executable, str(HERE / "real_workers.py")]
 
-    hw, err = run_system("hardware", worker + ["hardware"], dict(base_spec, dtypes=a.dtype), tmp, 600)
-    hw = next((r for r in hw if r["kind"] == "hardware"), None)
-    print(f"hardware: {hw}" if hw else f"hardware probe failed: {err}", flush=True)
+    probes = [probe_hardware(worker, a.dtype, base_spec, tmp, "start")]
 
     correctness = check(dict(base_spec, rows=[]), tmp, a.timeout, "bank" in paths)
     print(f"correctness (float32, {a.tokens} greedy tokens on 2 prompts): "
           + (f"kilolora == transformers for the base{' and 2 adapters (each differs from the base)' if n_max else ''}"
              f"{'; bank entry == its dense export' if 'bank' in paths else ''}" if correctness["passed"]
              else f"FAILED: {correctness['why']}"), flush=True)
-    out = {"args": vars(a), "model": str(model_dir), "hardware": hw, "correctness": correctness, "notes": notes,
-           "records": []}
+    out = {"args": vars(a), "model": str(model_dir), "hardware": {"probes": probes}, "correctness": correctness,
+           "notes": notes, "records": []}
     if not correctness["passed"] and not a.skip_check:
         write_json(a, out)
         return 1
@@ -404,6 +402,9 @@ def run(a, model_dir: Path, tmp: Path) -> int:
                                 tmp, a.timeout, on_record=keep(dt))
             fail_rest("transformers", dt, shared, err)
 
+    probes.append(probe_hardware(worker, a.dtype, base_spec, tmp, "end"))
+    hw = best_probe([p for p in probes if p])
+    out["hardware"] = {"probes": probes, "best": hw}
     lines = [f"== tokens/s, whole call (prefill + decode) / decode only; {a.tokens} new tokens, {a.threads} threads, "
              f"median of {a.repeats}; ratios kilolora / comparator =="] \
         + table(results, a.dtype, table_rows, a.batch, a.vs) \
@@ -416,6 +417,24 @@ def run(a, model_dir: Path, tmp: Path) -> int:
     out["table"] = lines
     write_json(a, out)
     return 0
+
+
+def probe_hardware(worker, dtypes, base_spec: dict, tmp: Path, when: str) -> dict | None:
+    """The read bandwidth and GEMM rates (real_workers.hardware), in a process of their own."""
+    recs, err = run_system(f"hardware-{when}", worker + ["hardware"], dict(base_spec, dtypes=dtypes), tmp, 600)
+    hw = next(({k: v for k, v in r.items() if k != "kind"} for r in recs if r["kind"] == "hardware"), None)
+    print(f"hardware ({when}): read {hw['bw_gbs']:.1f} GB/s, GEMM "
+          + ", ".join(f"{d} {g:.0f} GFLOP/s" for d, g in hw["gemm_gflops"].items()) if hw
+          else f"hardware probe ({when}) failed: {err}", flush=True)
+    return hw
+
+
+def best_probe(probes: list[dict]) -> dict | None:
+    """The best rate each probe saw: the limit is what the machine can do, and a busy phase only slows it."""
+    if not probes:
+        return None
+    return {"bw_gbs": max(p["bw_gbs"] for p in probes),
+            "gemm_gflops": {d: max(p["gemm_gflops"][d] for p in probes) for d in probes[0]["gemm_gflops"]}}
 
 
 def prepare_adapters(a, model_dir: Path, n_max: int, tmp: Path) -> tuple[list[Path], Path | None, list[str]]:

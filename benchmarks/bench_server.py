@@ -6,16 +6,18 @@ bank, with prompts of its task (`shift: hello` for `shift-3`, an arithmetic prob
 temperature 0 and a fixed `max_tokens`, one request after another. Beside it, the in-process
 `Engine` on the same load: the same prompt ids, adapters and sampling, each "client" submitting
 its next request when its previous one finishes, driven by `open`/`submit`/`step` in one thread
-(a long-lived thread of its own, as the server's engine thread is: on a busy 2-core VM, stepping
+(a long-lived thread of its own, as the server's engine loop is: on a busy 2-core VM, stepping
 from the main thread was at times 5-10x slower, an artefact the server does not share).
 Reported per side: requests/s, generated tokens/s, p50/p99 request latency, and server/in-process.
 
-The server runs as a subprocess: its CPU time (uvicorn, JSON, pydantic, the engine thread) is
+The server runs as a subprocess: its CPU time (uvicorn, JSON, pydantic, and its engine process) is
 then measured apart from the clients', and the client threads do not share its GIL, as with real
 clients. Both share the machine's cores, as clients on the same host do. The server runs as users
-run it: by default it leaves one core of torch's to its event loop (`kilolora serve
---torch-threads`, printed below), while the in-process engine keeps torch's default (it has the
-cores to itself); OMP_NUM_THREADS=1 runs both sides on one thread.
+run it: its engine in a process of its own, with one torch thread fewer than torch's default, so
+that the HTTP front end keeps a core (`kilolora serve --torch-threads`, printed below;
+`--server-args=--engine-thread` runs the engine on a thread of the server's process instead),
+while the in-process engine keeps torch's default (it has the cores to itself);
+OMP_NUM_THREADS=1 runs both sides on one thread.
 The in-process side gets the prompt ids ready-made; the server renders and tokenizes each chat.
 
 Correctness first: an untimed warm-up run of each side per N must give the same texts (and token
@@ -115,14 +117,14 @@ def make_load(world: World, tok, n_clients: int, per_client: int, n_adapters: in
 class Server:
     """`kilolora serve --port <free>` as a subprocess, until `stop()`."""
 
-    def __init__(self, engine_kw: dict):
+    def __init__(self, engine_kw: dict, extra: list[str] = ()):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         exe = shutil.which("kilolora", path=str(Path(sys.executable).parent))
         cmd = [exe] if exe else [sys.executable, "-c", "from orchestrator.cli import main; main()"]
         cmd += ["serve", "--port", str(self.port), "--kv-cache-tokens", str(engine_kw["kv_cache_tokens"]),
-                "--max-batch-tokens", str(engine_kw["max_batch_tokens"])]
+                "--max-batch-tokens", str(engine_kw["max_batch_tokens"]), *extra]
         self.log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[1])
         self.url = f"http://127.0.0.1:{self.port}"
@@ -143,8 +145,8 @@ class Server:
     def torch_threads(self) -> str:
         """The torch threads the server says it runs with (its startup line), or '?'."""
         self.log.seek(0)
-        m = re.search(rb"(\d+) torch threads?", self.log.read())
-        return m.group(1).decode() if m else "?"
+        m = re.search(rb"the engine runs (.*) with (\d+) torch threads?", self.log.read())
+        return f"{m.group(2).decode()}, its engine {m.group(1).decode()}" if m else "?"
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
@@ -152,12 +154,18 @@ class Server:
             return {k: float(v) for k, v in (line.split() for line in lines)}
 
     def cpu_seconds(self) -> float | None:
-        """user + system CPU of the server process, all its threads (Linux /proc; None elsewhere)."""
+        """user + system CPU of the server process and its children (the engine process), all their
+        threads (Linux /proc; None elsewhere)."""
+        total, todo = 0, [self.proc.pid]
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            while todo:
+                pid = todo.pop()
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+                todo += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         except OSError:
             return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -213,7 +221,7 @@ def run_server(server: Server, clients: list, load: list[list[Request]], a) -> R
 # ----------------------------------------------------------------------- the in-process side
 def run_engine(engine: Engine, load: list[list[Request]], params: SamplingParams) -> Run:
     """The same load on the engine, in the calling thread: a client's next request is submitted as soon
-    as its previous one finishes (between two steps, as the server's engine thread does)."""
+    as its previous one finishes (between two steps, as the server's engine loop does)."""
     n = len(load)
     lat: list[float] = []
     texts: list[list[str]] = [[] for _ in range(n)]
@@ -275,6 +283,7 @@ def main() -> None:
     ap.add_argument("--ignore-eos", action="store_true", help="every request generates max_tokens tokens")
     ap.add_argument("--kv-cache-tokens", type=int, default=65536)
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
+    ap.add_argument("--server-args", default="", help="more `kilolora serve` flags, e.g. --server-args=--engine-thread")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: defaults become N = 1 4, 2 requests, max_tokens 8, 1 repeat")
     a = ap.parse_args()
@@ -306,7 +315,7 @@ def main() -> None:
     print("server: `kilolora serve` subprocess on 127.0.0.1 (same environment; its CPU counted apart); clients: "
           "one thread and one openai.OpenAI each, in this process", flush=True)
 
-    server = Server(engine_kw)
+    server = Server(engine_kw, a.server_args.split())
     print(f"server: torch threads {server.torch_threads()} (in-process: {torch.get_num_threads()})", flush=True)
     stepper = ThreadPoolExecutor(1, thread_name_prefix="in-process-engine")
     rows = []
@@ -344,7 +353,7 @@ def main() -> None:
           f"(req/s); median of {a.repeats} runs, latency percentiles over all timed requests ==")
     print_rows(rows, header=True)
     print("\n== where the time goes (medians per run): engine steps, ms inside each step(), CPU seconds per wall "
-          "second of the serving process (server: its engine thread, uvicorn and its torch threads), the client "
+          "second of the serving process (server: uvicorn and its engine process), the client "
           "threads' CPU seconds, and the server's extra latency per request ==")
     print(f"{'N':>4} {'steps srv/in':>12} {'ms/step srv':>11} {'ms/step in':>10} {'CPU/wall srv':>12} "
           f"{'CPU/wall in':>11} {'client CPU s':>12} {'+ms/request':>11}")

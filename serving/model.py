@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
 from .config import ModelConfig
 
 FUSED_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
@@ -58,6 +59,9 @@ class AttnGroup:
     """sliding window -> (B, 1, Q, L) bool, True where a query may attend"""
     covers_all: bool = False
     """q_rows is exactly arange(N): the output needs no scatter"""
+    lengths: torch.Tensor | None = None
+    """(B,) int64 keys per sequence, for a decode group (Q = 1; the query is the last key): the
+    packed path's decode-attention kernel reads keys by `key_slots[:, :lengths]`, not the masks"""
 
 
 @dataclass
@@ -279,13 +283,20 @@ class Transformer:
             a = attend(i, qk[:, :nq], qk[:, nq:], v)  # (N, H*hd)
             h = packed.linear(i, "o", a, lora, residual=h)
             x = self._rms_packed(h, lw.ln_mlp)
-            gate, up = packed.linear(i, "gate_up", x, lora).chunk(2, dim=-1)
-            h = packed.linear(i, "down", F.silu(gate) * up, lora, residual=h)
+            gu = packed.linear(i, "gate_up", x, lora)
+            if packed.kernels:
+                act = cpu_kernels.silu_mul(gu)
+            else:
+                gate, up = gu.chunk(2, dim=-1)
+                act = F.silu(gate) * up
+            h = packed.linear(i, "down", act, lora, residual=h)
         return self._rms_packed(h, self.norm)
 
     def _rms_packed(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        # `_rms` in one op (float32) or three (the normalisation in float32, then cast and scaled as
-        # transformers does) instead of eight: the same values on the shapes measured
+        # `_rms` in one pass (`cpu_kernels.rms_norm`), else in one op (float32) or three (the
+        # normalisation in float32, then cast and scaled as transformers does) instead of eight
+        if self.packed is not None and self.packed.kernels and x.dim() == 2:
+            return cpu_kernels.rms_norm(x, w, self.config.rms_norm_eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), w, self.config.rms_norm_eps)
         return F.rms_norm(x.float(), (x.shape[-1],), None, self.config.rms_norm_eps).to(x.dtype) * w
@@ -297,6 +308,15 @@ class Transformer:
         for g in batch.groups:
             b, nq = g.q_rows.shape
             qg = q if g.covers_all else q.index_select(0, g.q_rows.view(-1))  # (B*Q, H, hd)
+            if nq == 1 and g.lengths is not None and self.packed is not None and self.packed.decode_kernel:
+                # keys and values read where the cache holds them (`cpu_kernels`): no gather
+                og = cpu_kernels.decode_attention(qg, cache.k[layer], cache.v[layer], g.key_slots, g.lengths, window)
+                if g.covers_all:
+                    return og
+                if out is None:
+                    out = q.new_empty(q.shape[0], c.q_size)
+                out[g.q_rows.reshape(-1)] = og
+                continue
             # index_select, not advanced indexing: ~6x faster gathers on CPU (54 vs 345 us, B=64, L=64).
             slots = g.key_slots.reshape(-1)
             kg = cache.k[layer].index_select(0, slots).view(b, -1, c.num_kv_heads, c.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
@@ -329,6 +349,18 @@ class Transformer:
 _MKLDNN = getattr(torch.ops, "mkldnn", None)
 
 
+def _amd_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "AuthenticAMD" in f.read(4096)
+    except OSError:
+        return False
+
+
+MKL_SLOW = _amd_cpu()
+"""MKL's float32 GEMMs run its generic code here (an AMD CPU): `PackedWeights` packs more"""
+
+
 class PackedWeights:
     """A `Transformer`'s linear weights packed for oneDNN's GEMM (`torch.ops.mkldnn`), beside the
     plain ones, each fused group with the rows an adapter registry appended (`add_extra_outputs`)
@@ -340,6 +372,11 @@ class PackedWeights:
 
     FP32_ROWS = (8, 48)
     FP32_MIN_HIDDEN = 512
+    FP32_AMD_MIN_WEIGHT = 1 << 18
+    """on AMD CPUs MKL takes a generic code path (float32 GEMMs 1.3-2.8x slower than oneDNN's on
+    SmolLM2's shapes on a 2-core EPYC, at every row count): there float32 weights of this many
+    elements up run packed at every row count, smaller ones on MKL (the embedded world's o and head
+    projections, where MKL still wins)"""
     BATCH_HINT = 16
     """the rows the packed layout is tuned for (any count is computed correctly)"""
 
@@ -351,18 +388,25 @@ class PackedWeights:
     def __init__(self, model: Transformer):
         self.model = model
         fp32 = model.dtype == torch.float32
-        self.rows = self.FP32_ROWS if fp32 else (1, 1 << 62)
+        self.min_weight = self.FP32_AMD_MIN_WEIGHT if fp32 and MKL_SLOW else 0
+        """smaller weights are not packed (their GEMMs take the plain weights)"""
+        self.rows = self.FP32_ROWS if fp32 and not MKL_SLOW else (1, 1 << 62)
         """the row counts whose GEMMs run packed"""
-        self.packs = not fp32 or model.config.hidden_size >= self.FP32_MIN_HIDDEN
+        self.packs = not fp32 or MKL_SLOW or model.config.hidden_size >= self.FP32_MIN_HIDDEN
         """False: no weight is packed (every GEMM takes the plain weights)"""
         self._groups: dict[tuple[int, str], tuple] = {}
         for layer in range(len(model.layers)):
             for group in FUSED_WEIGHTS:
                 self.repack(layer, group)
         self._head = self._pack(model.lm_head)
+        c = model.config
+        self.kernels = cpu_kernels.available()
+        """RMSNorm and silu * up through `cpu_kernels` (else torch's ops)"""
+        self.decode_kernel = self.kernels and c.head_dim <= 256 and c.num_heads // c.num_kv_heads <= 16
+        """decode attention through `cpu_kernels.decode_attention` (else SDPA on gathered keys)"""
 
     def _pack(self, w: torch.Tensor) -> torch.Tensor | None:
-        if not self.packs:
+        if not self.packs or w.numel() < self.min_weight:
             return None
         return _MKLDNN._reorder_linear_weight(w.contiguous(), batch_size=self.BATCH_HINT)
 
@@ -380,7 +424,7 @@ class PackedWeights:
                residual: torch.Tensor | None = None) -> torch.Tensor:
         """`_adapted` on the packed weights, plus `residual` if given: (N, out)."""
         wp, b, w, extra = self._groups[(layer, group)]
-        if not self._packed(x.shape[0]):
+        if wp is None or not self._packed(x.shape[0]):
             if residual is not None and not extra and b is None:
                 y, residual = torch.addmm(residual, x, w.T), None
             else:
@@ -400,7 +444,7 @@ class PackedWeights:
         return y
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        if not self._packed(hidden.shape[0]):
+        if self._head is None or not self._packed(hidden.shape[0]):
             return hidden @ self.model.lm_head.T
         return _MKLDNN._linear_pointwise(hidden, self._head, None, "none", [], "")
 

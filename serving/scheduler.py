@@ -236,7 +236,8 @@ class Scheduler:
             qpos = (lens - 1)[:, None]  # (B, 1)
             masks = {w: _mask(kpos, qpos, lens[:, None], w)[:, None, None, :] for w in windows}
             q_rows = torch.tensor([r for _, r, _, _ in decode], device=dev)[:, None]
-            groups.append(AttnGroup(q_rows, key_slots, masks, covers_all=not prefill and len(decode) == row))
+            groups.append(AttnGroup(q_rows, key_slots, masks, covers_all=not prefill and len(decode) == row,
+                                     lengths=lens))
         # Prefill chunks of the same length attend together (padded keys, masked): many short chunks
         # (forks scoring a few tokens each over a shared prefix) would otherwise cost one attention
         # call per sequence and layer.

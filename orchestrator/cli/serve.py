@@ -17,7 +17,7 @@ def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"
           served_model_name: str = "base", kv_cache_tokens: int = 65536, max_batch_tokens: int = 2048,
           device: str = "cpu", api_key: str | None = None, allow_adapter_updates: bool = False,
           max_lora_rank: int | None = None, max_running: int = 512, request_timeout: float = 30.0,
-          torch_threads: int | None = None,
+          torch_threads: int | None = None, engine_thread: bool = False,
           log_level: Literal["critical", "error", "warning", "info", "debug"] = "warning",
           vllm_python: str | None = None, vllm_args: list[str] = []) -> None:
     """Serve a base model and its adapters behind an OpenAI-compatible API.
@@ -57,8 +57,8 @@ def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"
     whole prompt, which lowers the world's tools/agent accuracy (README). vLLM's resolver needs
     runtime adapter updates, so /v1/load_lora_adapter is open (use --api-key off loopback). Of
     the options below, --tool-format, --kv-cache-tokens, --max-batch-tokens, --device,
-    --allow-adapter-updates, --max-running, --request-timeout and --torch-threads are
-    kilolora-engine only.
+    --allow-adapter-updates, --max-running, --request-timeout, --torch-threads and --engine-thread
+    are kilolora-engine only.
 
     Args:
       model_dir: HF checkpoint or world directory, or a .gguf file (default: the embedded world)
@@ -87,6 +87,9 @@ def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"
         default, the physical cores, so that the HTTP front end keeps a core: with every core in the
         engine's OpenMP team, each step stalls whenever the event loop or a client on the same
         host takes one of them; OMP_NUM_THREADS or MKL_NUM_THREADS, when set, is kept)
+      engine_thread: run the engine on a thread of the server's process, not in a process of its
+        own (then the engine and the HTTP front end share one GIL: every step waits while the event
+        loop parses and answers requests: on 2 cores at 32 clients, a fifth of the throughput)
       log_level: uvicorn's log level
       vllm_python: --engine vllm: the Python of the venv vLLM is installed in (default:
         $KILOLORA_VLLM_PYTHON, this Python if it has vllm, else .venv-vllm/bin/python)
@@ -95,14 +98,13 @@ def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"
         raise ValueError(f"unrecognized arguments: {' '.join(vllm_args)} (only --engine vllm passes flags on to vLLM)")
     if vllm_python is not None and engine != "vllm":
         raise ValueError("--vllm-python needs --engine vllm")
-    if torch_threads is not None and engine == "vllm":
-        raise ValueError("--torch-threads is for the kilolora engine; vLLM's CPU threads are its own flags")
+    if (torch_threads is not None or engine_thread) and engine == "vllm":
+        raise ValueError("--torch-threads and --engine-thread are for the kilolora engine; vLLM has flags of its own")
     if engine == "vllm":
         return _serve_vllm(model_dir, bank=bank, adapter=adapter, host=host, port=port,
                            served_model_name=served_model_name, api_key=api_key, max_lora_rank=max_lora_rank,
                            log_level=log_level, vllm_python=vllm_python, vllm_args=vllm_args)
     max_lora_rank = max_lora_rank if max_lora_rank is not None else 64
-    from serving.engine import Engine
     from serving.openai.api_server import ServerLimits, create_app, local_dir
     from serving.openai.api_server import serve as run
     from serving.openai.tool_formats import dispatch_tool_format
@@ -119,7 +121,6 @@ def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"
     if api_key is None and not _loopback(host):
         print(f"kilolora: warning: serving on {host} without an API key: anyone who can reach it can use it "
               f"(set --api-key or {API_KEY_ENV})", file=sys.stderr, flush=True)
-    threads = set_torch_threads(torch_threads)
     pairs = {}
     for a in adapter:
         name, sep, path = a.partition("=")
@@ -135,43 +136,88 @@ def serve(model_dir: str | None = None, /, *, engine: Literal["kilolora", "vllm"
         from ..world import world_tool_format
 
         world = World.load(model_dir)
-        engine = world.engine(**engine_kw)
-        if bank is not None:
-            engine.load_bank(local_dir(bank, "--bank"))
+        model = str(world.path)
+    elif Path(model_dir).suffix.lower() == ".gguf":
+        from serving.gguf import gguf_checkpoint
+
+        model = str(gguf_checkpoint(model_dir))  # converted here once, so the engine process finds it cached
     else:
-        model = model_dir if Path(model_dir).suffix.lower() == ".gguf" else local_dir(model_dir, "MODEL_DIR")
-        engine = Engine.from_pretrained(model, bank=bank and local_dir(bank, "--bank"), **engine_kw)
-    for name, path in pairs.items():
-        engine.load_adapter(name, path)
-    fmt = dispatch_tool_format(tool_format, engine.tokenizer, world_tool_format(world) if world is not None else None)
+        model = str(local_dir(model_dir, "MODEL_DIR"))
+    build = dict(model=model, world=world is not None, bank=bank and str(local_dir(bank, "--bank")), adapters=pairs,
+                 engine_kw=engine_kw)
+    threads = torch_threads_for_engine(torch_threads)
+    if engine_thread:
+        import torch
+
+        torch.set_num_threads(threads)
+        client = build_engine(**build)
+        tokenizer = client.tokenizer
+    else:
+        from serving.engine_process import EngineProcess, EngineSpec
+
+        tokenizer = world.tokenizer() if world is not None else _tokenizer(model)
+        if tokenizer is None:
+            raise ValueError(f"the server needs a model directory with a tokenizer; {model_dir} has none")
+        client = EngineProcess(EngineSpec("orchestrator.cli.serve:build_engine", build, torch_threads=threads),
+                               tokenizer)
+    fmt = dispatch_tool_format(tool_format, tokenizer, world_tool_format(world) if world is not None else None)
     protected = {s.adapter for s in world.skills() if s.adapter} if world is not None else set()
     if fmt is not None and getattr(fmt, "proposer", None):
         protected.add(fmt.proposer)
-    app = create_app(engine, model_name=served_model_name, tool_format=fmt,
+    app = create_app(client, model_name=served_model_name, tool_format=fmt,
                      limits=ServerLimits(max_running=max_running, body_timeout_s=request_timeout), adapter_roots=pairs, api_key=api_key,
                      allow_adapter_updates=allow_adapter_updates, protected_adapters=protected)
     what = f"world {world.path}" if world is not None else model_dir
     tools = f"tool calls: {fmt.describe()}" if fmt is not None else "no tool calls"
-    print(f"kilolora: serving {what}: {served_model_name} + {len(engine.adapters)} adapters, {tools}, "
-          f"{threads} torch thread{'s' if threads != 1 else ''}\n"
+    where = "on a thread of this process" if engine_thread else f"in process {client.pid}"
+    n_adapters = len(client.adapters if engine_thread else client.engine.adapters)
+    print(f"kilolora: serving {what}: {served_model_name} + {n_adapters} adapters, {tools}; the engine runs "
+          f"{where} with {threads} torch thread{'s' if threads != 1 else ''}\n"
           f"kilolora: OpenAI API at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     run(app, host=host, port=port, log_level=log_level, header_timeout_s=request_timeout)
 
 
-def set_torch_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads for a server's engine (see `serve --torch-threads`); returns them.
+def build_engine(model: str, world: bool, bank: str | None, adapters: dict[str, str], engine_kw: dict):
+    """The engine `serve` serves (in its engine process, or on a thread with --engine-thread): a
+    world's (base, skills, task bank), or a checkpoint's; then --bank and the --adapter dirs."""
+    if world:
+        from skills.world import World
 
-    The engine steps on its own thread while the event loop parses, renders and answers requests
-    in the same process (and on a small host the clients run beside it). An OpenMP team as large
-    as the machine then oversubscribes it: a step's parallel regions wait for the member that lost
-    its core. vLLM's CPU backend likewise leaves cores to its front end."""
+        engine = World.load(model).engine(**engine_kw)
+        if bank is not None:
+            engine.load_bank(bank)
+    else:
+        from serving.engine import Engine
+
+        engine = Engine.from_pretrained(model, bank=bank, **engine_kw)
+    for name, path in adapters.items():
+        engine.load_adapter(name, path)
+    return engine
+
+
+def _tokenizer(model: str):
+    """The checkpoint's tokenizer, or None without one (the server then refuses to start)."""
+    path = Path(model)
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def torch_threads_for_engine(threads: int | None) -> int:
+    """Torch's intra-op threads for a server's engine (see `serve --torch-threads`).
+
+    The engine steps while the front end parses, renders and answers requests (and on a small
+    host the clients run beside them). An OpenMP team as large as the machine then oversubscribes
+    it: a step's parallel regions wait for the member that lost its core. vLLM's CPU backend
+    likewise leaves cores to its front end."""
     import torch
 
-    if threads is None:
-        chosen = any(v in os.environ for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))  # the user's choice: kept
-        threads = torch.get_num_threads() if chosen else max(1, torch.get_num_threads() - 1)
-    torch.set_num_threads(threads)
-    return threads
+    if threads is not None:
+        return threads
+    chosen = any(v in os.environ for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"))  # the user's choice: kept
+    return torch.get_num_threads() if chosen else max(1, torch.get_num_threads() - 1)
 
 
 def _serve_vllm(model_dir: str | None, *, bank: str | None, adapter: list[str], host: str, port: int,

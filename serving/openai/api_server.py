@@ -46,7 +46,7 @@ try:
 except ImportError as err:  # pragma: no cover - the dependency is declared; this names the fix
     raise ImportError("the server needs fastapi and uvicorn: pip install 'fastapi>=0.110' 'uvicorn>=0.29'") from err
 
-from ..async_engine import AsyncEngine
+from ..async_engine import AsyncEngine, EngineClient
 from ..engine import Engine
 from .boundary import Gate, ServerLimits, StrictJSON, guard, name_ignored
 from .handlers import Handlers
@@ -58,11 +58,13 @@ from .tool_formats import ToolFormat
 __all__ = ["ServerLimits", "create_app", "local_dir", "serve"]
 
 
-def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFormat | None = None,
+def create_app(engine: Engine | EngineClient, *, model_name: str = "base", tool_format: ToolFormat | None = None,
                limits: ServerLimits | None = None, adapter_roots: dict[str, str] | None = None,
                api_key: str | None = None, allow_adapter_updates: bool = False,
                protected_adapters: set[str] | frozenset[str] = frozenset()):
-    """A FastAPI app serving `engine`; the engine thread starts and stops with the app.
+    """A FastAPI app serving `engine`: an `Engine` (run on a thread of this process) or an engine
+    client (`engine_process.EngineProcess`: the engine in a process of its own, which `kilolora
+    serve` uses); it starts with the app, and stops with it.
 
     `api_key`: every route but `OPEN_PATHS` needs `Authorization: Bearer api_key`.
     `allow_adapter_updates`: enables `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (off:
@@ -71,9 +73,9 @@ def create_app(engine: Engine, *, model_name: str = "base", tool_format: ToolFor
     limits = limits if limits is not None else ServerLimits()
     if api_key is not None and not api_key:
         raise ValueError("api_key must be a non-empty string (or None for no authentication)")
-    ae = AsyncEngine(engine)
+    ae = engine if isinstance(engine, EngineClient) else AsyncEngine(engine)
     serving = Serving(ae, model_name, tool_format)
-    counters = ServerMetrics(model_name, engine.max_model_len)
+    counters = ServerMetrics(model_name, ae.engine.max_model_len)
     h = Handlers(serving, limits, counters, model_name=model_name, adapter_roots=dict(adapter_roots or {}),
                  allow_adapter_updates=allow_adapter_updates, protected=frozenset(protected_adapters))
 

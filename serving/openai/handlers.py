@@ -4,8 +4,8 @@ server-sent events).
 
 A request asks for sequences (prompts × n); they are counted against `ServerLimits.max_running`
 while it runs. A client that disconnects (mid-stream or while waiting) has its work cancelled,
-which closes its sequences and frees their blocks. Engine and registry state is touched on the
-engine thread only, through `AsyncEngine.call` (see `async_engine.py`). A request's latency, tokens
+which closes its sequences and frees their blocks. Engine and registry state is touched by engine
+commands only (`EngineClient.op`, see `async_engine.py`). A request's latency, tokens
 and finish reasons (and a stream's first token) are recorded in `metrics.py` when it ends.
 """
 
@@ -45,8 +45,6 @@ class Handlers:
     def __init__(self, serving: Serving, limits: ServerLimits, metrics: ServerMetrics, *, model_name: str,
                  adapter_roots: dict[str, str], allow_adapter_updates: bool, protected: frozenset[str]):
         self.serving, self.ae, self.limits, self.metrics = serving, serving.ae, limits, metrics
-        self.engine = serving.engine
-        """touched only in functions sent to the engine thread"""
         self.model_name, self.roots = model_name, adapter_roots
         self.allow_adapter_updates, self.protected = allow_adapter_updates, protected
         self.stored = ResponseStore()
@@ -96,9 +94,9 @@ class Handlers:
     async def off_loop(self, request: Request, req, fn, *args):
         """`fn(*args)` (render, tokenize and check `req`) off the event loop, on a worker thread,
         unless the body is small (`INLINE_BODY_BYTES`) and asks for no structured output (whose
-        grammar may take long to compile). The hop costs two GIL hand-offs, to the worker and back,
-        and while the engine thread steps each can wait up to the interpreter's switch interval:
-        longer than a short chat takes to render and tokenize."""
+        grammar may take long to compile). The hop costs two GIL hand-offs, to the worker and back
+        (and with the engine on a thread of this process, each can wait up to the interpreter's
+        switch interval while a step runs): longer than a short chat takes to render and tokenize."""
         small = getattr(request.state, "body_bytes", INLINE_BODY_BYTES + 1) <= INLINE_BODY_BYTES
         if small and req.structured() is None:
             return fn(*args)
@@ -294,8 +292,7 @@ class Handlers:
 
     async def models(self):
         now = created()
-        engine = self.engine
-        names = await self.ae.call(lambda: list(engine.adapters))  # the registry changes on the engine thread
+        names = await self.ae.op("adapters")  # the registry changes on the engine's side
         return {"object": "list", "data": [self.card(self.model_name, None, now)]
                 + [self.card(name, name, now) for name in names]}
 
@@ -313,7 +310,7 @@ class Handlers:
 
     async def render_metrics(self):
         st = await self.ae.stats()
-        return Response(self.metrics.render(st, self.ae.step_seconds), media_type=CONTENT_TYPE)
+        return Response(self.metrics.render(st, st.pop("step_seconds")), media_type=CONTENT_TYPE)
 
     def updates_allowed(self) -> None:
         if not self.allow_adapter_updates:
@@ -341,15 +338,14 @@ class Handlers:
         except OSError as err:
             raise APIError(400, f"lora_path {req.lora_path[:200]!r} cannot be read: {err.strerror or err}",
                            param="lora_path") from None
-        engine = self.engine
-        if not req.load_inplace and await self.ae.call(lambda: req.lora_name in engine.registry):
+        if not req.load_inplace and await self.ae.op("has_adapter", req.lora_name):
             raise APIError(400, f"The lora adapter '{req.lora_name}' has already been loaded.", param="lora_name")
         try:
             # Read and check the files on a worker thread (configs are size-bounded before they are
-            # read); only the copy into the registry's stacks runs on the engine thread.
+            # read); only the copy into the registry's stacks runs on the engine, between steps.
             adapter = await asyncio.to_thread(load_adapter, path, req.lora_name)
             # load_inplace (vLLM's name): new weights under the same name, refused while in use
-            await self.ae.call(lambda: engine.add_adapter(req.lora_name, adapter, replace=req.load_inplace))
+            await self.ae.op("add_adapter", req.lora_name, adapter, req.load_inplace)
         except (ValueError, FileNotFoundError, KeyError, OSError) as err:
             msg = err.args[0] if isinstance(err, KeyError) and err.args else err
             raise APIError(400, f"cannot load {req.lora_path!r}: {msg}", param="lora_path") from None
@@ -359,21 +355,12 @@ class Handlers:
     async def unload_lora(self, request: Request):
         self.updates_allowed()
         req = await read_body(request, UnloadLoraRequest, self.limits)
-        engine, protected = self.engine, self.protected
-
-        def unload():  # on the engine thread, where the registry changes
-            if req.lora_name not in engine.registry:
-                raise APIError(404, f"The lora adapter '{req.lora_name}' cannot be found.", param="lora_name",
-                               code="model_not_found")
-            if req.lora_name in protected or engine.registry.get(req.lora_name).kind == "bank":
-                raise APIError(403, f"the adapter {req.lora_name!r} is part of the server's own features or its "
-                                    f"bank and cannot be unloaded", param="lora_name", code="adapter_protected")
-            try:
-                engine.unload_adapter(req.lora_name)
-            except ValueError as err:
-                raise APIError(409, str(err), param="lora_name", code="adapter_in_use") from None
-
-        await self.ae.call(unload)
+        refused = await self.ae.op("unload_adapter", req.lora_name, self.protected)
+        if isinstance(refused, tuple):  # (why, message)
+            why, message = refused
+            status, code = {"missing": (404, "model_not_found"), "protected": (403, "adapter_protected"),
+                            "in_use": (409, "adapter_in_use")}[why]
+            raise APIError(status, message, param="lora_name", code=code)
         self.roots.pop(req.lora_name, None)
         return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 

@@ -8,7 +8,7 @@ the server had before, stay as they were for what vLLM has no name for (KV block
 adapters, cancellations); monotonic ones among them keep their names and so are typed gauges.
 
 Everything here changes on the event loop thread only (the routes and their streams); the engine's
-stats are read on the engine thread (`AsyncEngine.stats`) and handed to `render` at each scrape.
+stats are read by an engine command (`EngineClient.stats`) and handed to `render` at each scrape.
 """
 
 from __future__ import annotations

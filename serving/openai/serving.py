@@ -3,16 +3,16 @@ choices run on engine sequences (the markup tool format's loop is in `tool_loop.
 
 A request's prompt is tokenized once; with `n > 1` its context is computed once and forked, so the
 choices share its KV blocks. A prompt that is scored (completions' `echo` with `logprobs`, vLLM's
-`prompt_logprobs`) is scored first, by the engine's own `score` (`AsyncEngine.score`: the
+`prompt_logprobs`) is scored first, by the engine's own `score` (`EngineClient.score`: the
 log-probability of each prompt token after the ones before it, in the shared batch), so the
 numbers are those `Engine.score` gives; the choices then generate from the prefix cache it
 filled. Every choice runs on its own engine sequence, and every engine sequence of a request is
 closed when it ends, fails or is cancelled (a client that disconnects), so its blocks go back to
 the pool. A request with one choice and no markup tool loop (the common case) is opened and
-submitted in one engine-thread command (`AsyncEngine.stream`), so that it joins the next engine step
+submitted in one engine command (`EngineClient.stream`), so that it joins the next engine step
 instead of waiting for one step per command. Streaming goes through an `emit` callback per choice.
-Engine and registry state is read on the engine thread only (`AsyncEngine.call`), but for the
-registry's names (`adapter_for`, a lookup that `open` checks again); tokenizing and rendering run
+Engine and registry state is touched by engine commands only (`EngineClient.op`), but for the
+adapter names (`adapter_for`, a lookup that `open` checks again); tokenizing and rendering run
 wherever the caller runs them (the handlers: on the event loop for a small body, else on a worker
 thread).
 """
@@ -24,7 +24,7 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 
-from ..async_engine import AsyncEngine
+from ..async_engine import EngineClient
 from ..sampling import SamplingParams, TokenLogprob
 from ..tokens import Tokens
 from .protocol import APIError, ChatRequest, CompletionRequest
@@ -62,9 +62,10 @@ class Prepared:
 
 
 class Serving:
-    """The OpenAI endpoints' logic over an `AsyncEngine` (the HTTP layer is `handlers.py`)."""
+    """The OpenAI endpoints' logic over an engine client (`AsyncEngine` on a thread, `EngineProcess`
+    in a process of its own; the HTTP layer is `handlers.py`)."""
 
-    def __init__(self, aengine: AsyncEngine, model_name: str = "base", tool_format: ToolFormat | None = None):
+    def __init__(self, aengine: EngineClient, model_name: str = "base", tool_format: ToolFormat | None = None):
         self.ae = aengine
         self.engine = aengine.engine
         self.tokenizer = self.engine.tokenizer
@@ -80,11 +81,11 @@ class Serving:
     async def adapter_for(self, model: str) -> str | None:
         """`base` -> None; `NAME` or `base:NAME` -> NAME (404 for a model not served).
 
-        Read here, on the event loop, not on the engine thread: a name lookup in the registry's
-        dict is atomic under the GIL, and waiting for the engine thread would hold the request back
-        until the step in progress ends. The registry changes on the engine thread only, so the
-        answer may be stale by the time the request runs: an adapter unloaded in between makes
-        `open` raise KeyError there, which is answered with the same 404."""
+        Read here, on the event loop, without an engine command (which would hold the request back
+        until the step in progress ends): in the engine's registry on a thread (a dict lookup,
+        atomic under the GIL), in the engine process's copy of the names otherwise. The registry
+        changes between steps, so the answer may be stale by the time the request runs: an adapter
+        unloaded in between makes `open` raise KeyError there, which is answered with the same 404."""
         return self._adapter_for(model)
 
     def _adapter_for(self, model: str) -> str | None:
@@ -121,7 +122,7 @@ class Serving:
                   frequency_penalty=given(req.frequency_penalty, 0.0), min_p=given(req.min_p, 0.0),
                   min_tokens=min(given(req.min_tokens, 0), max_tokens), stop_token_ids=list(req.stop_token_ids or []),
                   skip_special_tokens=given(req.skip_special_tokens, True))
-        structured = req.structured()  # (field, spec) or None: compiled here, off the engine thread, and cached
+        structured = req.structured()  # (field, spec) or None: compiled here, off the engine, and cached
         if structured is not None:
             try:
                 self.engine.grammars.compile(structured[1])
@@ -282,7 +283,7 @@ class Serving:
         ids = prep.ids
         if len(ids) == 1:
             return PromptLogprobs(ids, [], [], [], Tokens())
-        seq = await self.ae.call(self.engine.open, ids[:1], None, group, undo=self.ae.close_nowait)
+        seq = await self.ae.op("open", ids[:1], None, group, undo="close")
         try:
             r = await self.ae.score(seq, ids[1:], prep.adapter, prep.prompt_top)
         except KeyError:  # the adapter was unloaded after the request was checked
@@ -300,15 +301,14 @@ class Serving:
         seqs: list[int] = []
         try:
             try:
-                parent = await self.ae.call(self.engine.open, prep.ids, prep.adapter, group,
-                                            undo=self.ae.close_nowait)
+                parent = await self.ae.op("open", prep.ids, prep.adapter, group, undo="close")
             except KeyError:  # the adapter was unloaded after the request was checked
                 raise APIError(404, f"The model `{prep.adapter}` does not exist.", param="model",
                                code="model_not_found") from None
             seqs.append(parent)
             if prep.n > 1:
                 await self.ae.prefill(parent)  # the copies share the prompt's blocks
-                kids = await self.ae.call(self.engine.fork, parent, prep.n, undo=lambda k: self.ae.close_nowait(*k))
+                kids = await self.ae.op("fork", parent, prep.n, undo="close")
                 seqs.extend(kids)
                 self.ae.close_nowait(parent)
             else:

@@ -51,7 +51,7 @@ async def markup_choice(srv: Serving, seq: int, params: SamplingParams, prep: Pr
             boundary = True
             continue
         # the model writes the call itself
-        room = await srv.ae.call(lambda: srv.max_model_len - len(srv.engine.tokens(seq)))
+        room = srv.max_model_len - await srv.ae.op("length", seq)
         if room <= 0:
             ch.finish_reason = "length"
             return ch
@@ -71,26 +71,15 @@ async def propose(srv: Serving, seq: int, fmt: MarkupTools, forced: bool, ch: Ch
     Forced: the call is started for it (or, with no proposer, written on the sequence itself).
     None when it proposes none, when its call would be cut off unfinished, or when the context
     has no room left for a call."""
-    eng = srv.engine
     prefix = (fmt.invocation if fmt.proposer is not None else "") + (fmt.open if forced else "")
     ids = list(srv.tokenizer.encode(prefix, add_special_tokens=False))
-
-    def start() -> int | None:  # on the engine thread: the sequence the call is written on
-        if srv.max_model_len - len(eng.tokens(seq)) <= len(ids):
-            return None  # the engine refuses to generate on a full context
-        if fmt.proposer is None:
-            eng.extend(seq, ids)
-            return seq
-        (f,) = eng.fork(seq, 1)
-        eng.extend(f, ids)
-        return f
-
-    f = await srv.ae.call(start, undo=lambda f: f not in (None, seq) and srv.ae.close_nowait(f))  # a fork
+    # the sequence the call is written on: a fork (the proposer's), or `seq` itself; None: no room
+    f = await srv.ae.op("start_call", seq, ids, fmt.proposer is not None, undo="close" if fmt.proposer else None)
     if f is None:
         return None
     p = SamplingParams(max_tokens=fmt.max_call_tokens, temperature=0.0, stop=[fmt.close])
     if fmt.proposer is None:  # forced, and the model writes calls itself
-        adapter = await srv.ae.call(eng.adapter_of, seq)  # engine state: read on the engine thread
+        adapter = await srv.ae.op("adapter_of", seq)
         arg, _, finish = await srv.generate(seq, p, adapter, 0, None, ch)
         return fmt.parse(fmt.open + arg) if finish == "stop" else None
     try:

@@ -49,7 +49,8 @@ def test_model_mode_prints_one_table_beside_transformers(tmp_path):
     assert d["correctness"]["passed"] is True, d["correctness"]
     k = d["correctness"]["kilolora"]
     assert k["adapter"] != k["base"] and k["bank"] == k["bank_export"]
-    assert d["hardware"]["bw_gbs"] > 0 and d["hardware"]["gemm_gflops"]["float32"] > 0
+    hw = d["hardware"]["best"]
+    assert hw["bw_gbs"] > 0 and hw["gemm_gflops"]["float32"] > 0 and len(d["hardware"]["probes"]) == 2
 
     cells = {(c["system"], c["row"], c.get("path"), c["batch"]): c for c in d["records"]}
     rows = [("base", "base"), ("LoRA-on base", "dense"), ("LoRA-on base", "bank"), ("2 adapters", "dense"),

@@ -170,7 +170,8 @@ def test_bank_errors(tmp_path):
 
 def test_serve_and_chat_explain_themselves_and_refuse_bad_flags(tmp_path):
     out = kilolora("serve", "--help").stdout
-    for flag in ("MODEL_DIR", "--bank", "--adapter", "--host", "--port", "--tool-format", "--torch-threads"):
+    for flag in ("MODEL_DIR", "--bank", "--adapter", "--host", "--port", "--tool-format", "--torch-threads",
+                 "--engine-thread"):
         assert flag in out
     out = kilolora("chat", "--help").stdout
     for flag in ("--url", "--adapter", "--turns", "--no-tools", "/trace"):
@@ -181,7 +182,8 @@ def test_serve_and_chat_explain_themselves_and_refuse_bad_flags(tmp_path):
                       (["serve", str(tmp_path / "no_model")], "is not a local directory"),
                       (["serve", "--tool-format", "pythonic"], "invalid choice"),
                       (["serve", "--torch-threads", "0"], "--torch-threads must be >= 1"),
-                      (["serve", "--engine", "vllm", "--torch-threads", "2"], "--torch-threads is for the kilolora engine"),
+                      (["serve", "--engine", "vllm", "--torch-threads", "2"], "are for the kilolora engine"),
+                      (["serve", "--engine", "vllm", "--engine-thread"], "are for the kilolora engine"),
                       (["chat", "--turns", "-1"], "--turns must be >= 0")]:
         p = kilolora(*args, check=False)
         assert p.returncode != 0 and msg in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)

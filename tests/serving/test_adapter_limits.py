@@ -104,7 +104,9 @@ def test_unloading_a_big_rank_returns_its_memory(world, order):
     engine.unload_adapter("big")
     assert engine.registry.memory_bytes() == want
     assert engine.registry.get("small").index == 0
-    torch.testing.assert_close(_teacher_forced(engine, "small"), small, atol=0, rtol=0)
+    # not bit-equal on every CPU: the dense stacks' padded rank shrinks from 32 to small's, so the
+    # LoRA GEMMs sum over fewer zeros, which oneDNN / MKL may block differently (1e-7 seen)
+    torch.testing.assert_close(_teacher_forced(engine, "small"), small, atol=1e-6, rtol=1e-6)
     _assert_matches_peft(engine, world, "small")
 
 

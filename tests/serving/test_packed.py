@@ -10,6 +10,7 @@ import torch
 from compression.bank import Bank, BankEntry
 from compression.peft_io import TargetInfo
 from serving import Engine, SamplingParams
+import serving.model as model_mod
 from serving.model import FUSED_GROUPS, PackedWeights, load_model
 from serving.sampling import argmax
 from tests.helpers import hf_teacher_forced, make_peft_adapter, make_tiny_model, teacher_forced
@@ -26,6 +27,7 @@ ROWS = PackedWeights.FP32_ROWS[0] + 2
 def pack_tiny_models(monkeypatch):
     """float32 packs only from hidden 512 by default (below, MKL wins): these tiny models pack."""
     monkeypatch.setattr(PackedWeights, "FP32_MIN_HIDDEN", 0)
+    monkeypatch.setattr(PackedWeights, "FP32_AMD_MIN_WEIGHT", 0)
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -137,7 +139,12 @@ def test_packed_adapters_equal_the_reference_and_leave_base_rows_untouched(tmp_p
     else:  # rounding may flip a near tie and the sequences part: the first step is compared
         assert [t[0] for t in tok_p] == [t[0] for t in tok_r]
         assert (lp_p[:, 0] - lp_r[:, 0]).abs().max() < 0.1
-    base_only = decode(e["packed"], ps, [None] * len(ps))
+    # on a twin engine: on this one the prompts' blocks are cached now, and their last tokens would
+    # be computed as decode rows (the decode-attention kernel), not in the prefill (SDPA)
+    twin = Engine.from_pretrained(tmp_path / "base", adapters={"lora": tmp_path / "lora"}, dtype=dtype,
+                                  kv_cache_tokens=1024, block_size=4)
+    twin.load_bank(_bank(twin, 3), prefix="b/")
+    base_only = decode(twin, ps, [None] * len(ps))
     assert len({tuple(t) for t in tok_p}) > len({tuple(t) for t in base_only[0][:2]})  # the adapters change tokens
     rows = [i for i, a in enumerate(adapters) if a is None]
     assert [tok_p[i] for i in rows] == [base_only[0][i] for i in rows]
@@ -189,6 +196,7 @@ def test_small_float32_models_keep_mkl_and_still_fuse(tmp_path, monkeypatch):
     """Below FP32_MIN_HIDDEN nothing is packed (no second copy of the weights); the path's other
     fusions (residual via addmm, RMSNorm, RoPE) still give the reference path's results."""
     monkeypatch.setattr(PackedWeights, "FP32_MIN_HIDDEN", 512)
+    monkeypatch.setattr(model_mod, "MKL_SLOW", False)  # MKL's fast path (Intel): the hidden-size rule
     make_tiny_model(tmp_path, seed=8)
     e = pair(tmp_path)
     assert e["packed"].model.packed is not None and not e["packed"].model.packed.packs
@@ -196,3 +204,21 @@ def test_small_float32_models_keep_mkl_and_still_fuse(tmp_path, monkeypatch):
     (tok_r, lp_r), (tok_p, lp_p) = decode(e["reference"], ps), decode(e["packed"], ps)
     assert tok_p == tok_r
     torch.testing.assert_close(lp_p, lp_r, atol=2e-5, rtol=1e-4)
+
+
+def test_where_mkl_is_slow_big_float32_weights_pack_at_every_row_count(tmp_path, monkeypatch):
+    """The AMD rule (`MKL_SLOW`): weights from FP32_AMD_MIN_WEIGHT elements up are packed and run
+    packed at any row count (1 here), smaller ones stay on MKL; the results are the reference's."""
+    monkeypatch.setattr(model_mod, "MKL_SLOW", True)
+    hf = make_tiny_model(tmp_path, seed=8)
+    c = hf.config
+    gate_up = 2 * c.intermediate_size * c.hidden_size
+    monkeypatch.setattr(PackedWeights, "FP32_AMD_MIN_WEIGHT", gate_up)  # gate_up packs, o does not
+    e = pair(tmp_path)
+    pw = e["packed"].model.packed
+    assert pw.rows[0] == 1 and pw._groups[(0, "gate_up")][0] is not None and pw._groups[(0, "o")][0] is None
+    for n in (1, ROWS):
+        ps = prompts(n, seed=6)
+        (tok_r, lp_r), (tok_p, lp_p) = decode(e["reference"], ps), decode(e["packed"], ps)
+        assert tok_p == tok_r
+        torch.testing.assert_close(lp_p, lp_r, atol=2e-5, rtol=1e-4)

@@ -1,0 +1,283 @@
+// CPU kernels of the packed path (serving/cpu_kernels.py builds and loads them).
+//
+// Paged decode attention: one query token per sequence, its keys and values read where the paged
+// KV cache holds them (no gather of the whole cache into a batch tensor, as SDPA needs). RMSNorm
+// and SwiGLU's silu(gate) * up in one pass each, where torch takes 3-8 small ops.
+//
+// Built with the system's C++ compiler (-O3 -march=native -fopenmp) and called through ctypes with
+// raw pointers, so it includes no torch header and compiles in about a second. Its OpenMP is the
+// libgomp torch already loaded (the same soname): one thread team.
+//
+// Decode attention's layout (element strides; the caller checks them):
+//   q      (B, H, hd)       row b at q + b * q_row, head h at + h * hd, H = Hkv * G
+//   kc, vc (S, Hkv, hd)     cache slot s at + s * Hkv * hd, contiguous
+//   slots  (B, L) int64     the cache slot of each key position (row b's first lens[b] are real)
+//   lens   (B,)   int64     keys per sequence (the query is at position lens[b] - 1)
+//   out    (B, H * hd)      contiguous
+// window > 0: only the last `window` keys (a sliding-window layer), as the engine's masks.
+//
+// Per (sequence, key head) task, the G query heads that share the key head are attended together:
+// scores in float32, a max-subtracted softmax, values summed in float32, one rounding at the end.
+// Each sequence's result depends only on its own keys, so it is the same whatever else is batched.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float to_f32(float x) { return x; }
+inline float to_f32(uint16_t x) {
+    uint32_t u = static_cast<uint32_t>(x) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline void from_f32(float x, float* y) { *y = x; }
+inline void from_f32(float x, uint16_t* y) {
+    uint32_t u;
+    std::memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu)) {  // NaN stays NaN
+        *y = static_cast<uint16_t>((u >> 16) | 0x40);
+        return;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even, as torch's conversion
+    *y = static_cast<uint16_t>(u >> 16);
+}
+
+// exp(x), vectorisable: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6
+// polynomial (relative error ~2e-7, as expf's float32 result); x is clamped to [-87, 88].
+inline float exp_neg(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = std::nearbyint(x * 1.44269504088896341f);
+    const float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
+    float p = 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+    float s;
+    std::memcpy(&s, &e, 4);
+    return p * s;
+}
+
+constexpr int MAX_HD = 256;
+constexpr int MAX_G = 16;
+
+// One (sequence, key head) task. HD_ and G_ are the head size and query heads per key head when
+// known at compile time (0: read from hd, g): the common shapes get loops the compiler unrolls
+// into a few vector instructions per key.
+template <typename T, int HD_, int G_>
+inline void task(const T* q, const T* kc, const T* vc, const int64_t* srow, int64_t m, int64_t slot_stride,
+                 int kh, int hd_rt, int g_rt, float scale, float* sc, T* out) {
+    const int hd = HD_ ? HD_ : hd_rt;
+    const int G = G_ ? G_ : g_rt;
+    alignas(64) float qf[MAX_G][MAX_HD];
+    alignas(64) float acc[MAX_G][MAX_HD];
+    alignas(64) float row[MAX_HD];
+    for (int g = 0; g < G; ++g) {
+        const T* qp = q + static_cast<int64_t>(kh * G + g) * hd;
+        for (int d = 0; d < hd; ++d) qf[g][d] = to_f32(qp[d]) * scale;
+    }
+    for (int64_t j = 0; j < m; ++j) {
+        const T* kp = kc + srow[j] * slot_stride + static_cast<int64_t>(kh) * hd;
+        for (int d = 0; d < hd; ++d) row[d] = to_f32(kp[d]);
+        for (int g = 0; g < G; ++g) {
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int d = 0; d < hd; ++d) s += qf[g][d] * row[d];
+            sc[g * m + j] = s;
+        }
+    }
+    float inv[MAX_G];
+    for (int g = 0; g < G; ++g) {
+        float* sg = sc + g * m;
+        float mx = sg[0];
+        for (int64_t j = 1; j < m; ++j) mx = sg[j] > mx ? sg[j] : mx;
+        // the sum in 16 lanes and a fixed tree, not `omp simd reduction`: its order would follow
+        // the buffer's alignment, and a row's bits would depend on the thread it ran on
+        float part[16] = {0.0f};
+        int64_t j = 0;
+        for (; j + 16 <= m; j += 16) {
+            for (int l = 0; l < 16; ++l) {
+                const float e = exp_neg(sg[j + l] - mx);
+                sg[j + l] = e;
+                part[l] += e;
+            }
+        }
+        for (int l = 0; j < m; ++j, ++l) {
+            const float e = exp_neg(sg[j] - mx);
+            sg[j] = e;
+            part[l] += e;
+        }
+        for (int w = 8; w >= 1; w /= 2)
+            for (int l = 0; l < w; ++l) part[l] += part[l + w];
+        inv[g] = 1.0f / part[0];
+        for (int d = 0; d < hd; ++d) acc[g][d] = 0.0f;
+    }
+    for (int64_t j = 0; j < m; ++j) {
+        const T* vp = vc + srow[j] * slot_stride + static_cast<int64_t>(kh) * hd;
+        for (int d = 0; d < hd; ++d) row[d] = to_f32(vp[d]);
+        for (int g = 0; g < G; ++g) {
+            const float p = sc[g * m + j];
+#pragma omp simd
+            for (int d = 0; d < hd; ++d) acc[g][d] += p * row[d];
+        }
+    }
+    for (int g = 0; g < G; ++g) {
+        T* op = out + static_cast<int64_t>(kh * G + g) * hd;
+        for (int d = 0; d < hd; ++d) from_f32(acc[g][d] * inv[g], op + d);
+    }
+}
+
+template <typename T>
+using TaskFn = void (*)(const T*, const T*, const T*, const int64_t*, int64_t, int64_t, int, int, int, float, float*, T*);
+
+template <typename T, int HD_>
+TaskFn<T> pick_g(int G) {
+    switch (G) {
+        case 1: return task<T, HD_, 1>;
+        case 2: return task<T, HD_, 2>;
+        case 3: return task<T, HD_, 3>;
+        case 4: return task<T, HD_, 4>;
+        case 5: return task<T, HD_, 5>;
+        case 6: return task<T, HD_, 6>;
+        case 7: return task<T, HD_, 7>;
+        case 8: return task<T, HD_, 8>;
+        default: return task<T, HD_, 0>;
+    }
+}
+
+template <typename T>
+TaskFn<T> pick(int hd, int G) {
+    switch (hd) {
+        case 64: return pick_g<T, 64>(G);
+        case 128: return pick_g<T, 128>(G);
+        default: return task<T, 0, 0>;
+    }
+}
+
+template <typename T>
+int decode(const T* q, int64_t q_row, const T* kc, const T* vc, const int64_t* slots, const int64_t* lens,
+           T* out, int64_t S, int B, int Hkv, int G, int hd, int L, int window, float scale, int threads) {
+    if (hd > MAX_HD || G > MAX_G || hd <= 0 || G <= 0) return 1;
+    const int64_t slot_stride = static_cast<int64_t>(Hkv) * hd;
+    const TaskFn<T> fn = pick<T>(hd, G);
+    int bad = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        std::vector<float> scores(static_cast<size_t>(G) * (L > 0 ? L : 1));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < static_cast<int64_t>(B) * Hkv; ++t) {
+            const int b = static_cast<int>(t / Hkv), kh = static_cast<int>(t % Hkv);
+            const int64_t n = lens[b];
+            if (n <= 0 || n > L) {
+#pragma omp atomic write
+                bad = 2;
+                continue;
+            }
+            const int64_t start = (window > 0 && n > window) ? n - window : 0;
+            const int64_t* srow = slots + static_cast<int64_t>(b) * L + start;
+            bool inside = true;
+            for (int64_t j = 0; j < n - start; ++j) inside &= srow[j] >= 0 && srow[j] < S;
+            if (!inside) {
+#pragma omp atomic write
+                bad = 3;
+                continue;
+            }
+            fn(q + b * q_row, kc, vc, srow, n - start, slot_stride, kh, hd, G, scale, scores.data(),
+               out + static_cast<int64_t>(b) * Hkv * G * hd);
+        }
+    }
+    return bad;
+}
+
+// RMSNorm of each row as transformers computes it: in float32, x * rsqrt(mean(x^2) + eps); then
+// (bfloat16) rounded and scaled by w, rounded again; (float32) scaled by w. The sum of squares runs
+// in 16 lanes and a fixed tree: a row's bits do not depend on its neighbours or its alignment.
+template <typename T>
+void rms_norm(const T* x, int64_t x_row, const T* w, T* out, int64_t N, int D, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < N; ++i) {
+        const T* xr = x + i * x_row;
+        float part[16] = {0.0f};
+        int d = 0;
+        for (; d + 16 <= D; d += 16)
+            for (int l = 0; l < 16; ++l) {
+                const float v = to_f32(xr[d + l]);
+                part[l] += v * v;
+            }
+        for (int l = 0; d < D; ++d, ++l) {
+            const float v = to_f32(xr[d]);
+            part[l] += v * v;
+        }
+        for (int k = 8; k >= 1; k /= 2)
+            for (int l = 0; l < k; ++l) part[l] += part[l + k];
+        const float r = 1.0f / std::sqrt(part[0] / static_cast<float>(D) + eps);
+        T* o = out + i * static_cast<int64_t>(D);
+        for (int e = 0; e < D; ++e) {
+            T n;
+            from_f32(to_f32(xr[e]) * r, &n);
+            from_f32(to_f32(w[e]) * to_f32(n), o + e);
+        }
+    }
+}
+
+// SwiGLU's silu(gate) * up over a fused gate/up output (rows of [gate | up], I each), each op
+// rounded to T as torch's silu and mul are.
+template <typename T>
+void silu_mul(const T* gu, int64_t row, T* out, int64_t N, int I, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < N; ++i) {
+        const T* g = gu + i * row;
+        const T* u = g + I;
+        T* o = out + i * static_cast<int64_t>(I);
+        for (int e = 0; e < I; ++e) {
+            const float x = to_f32(g[e]);
+            T s;
+            from_f32(x < -87.0f ? -0.0f : x / (1.0f + exp_neg(-x)), &s);  // -0 where exp(-x) overflows, as torch
+            from_f32(to_f32(s) * to_f32(u[e]), o + e);
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// Returns 0, or 1 for unsupported head sizes, 2 for a length outside 1..L, 3 for a slot outside
+// 0..S-1 (such a row is left unwritten).
+int kl_decode_attention_f32(const float* q, int64_t q_row, const float* kc, const float* vc, const int64_t* slots,
+                            const int64_t* lens, float* out, int64_t S, int B, int Hkv, int G, int hd, int L, int window,
+                            float scale, int threads) {
+    return decode(q, q_row, kc, vc, slots, lens, out, S, B, Hkv, G, hd, L, window, scale, threads);
+}
+
+int kl_decode_attention_bf16(const uint16_t* q, int64_t q_row, const uint16_t* kc, const uint16_t* vc,
+                             const int64_t* slots, const int64_t* lens, uint16_t* out, int64_t S, int B, int Hkv, int G, int hd,
+                             int L, int window, float scale, int threads) {
+    return decode(q, q_row, kc, vc, slots, lens, out, S, B, Hkv, G, hd, L, window, scale, threads);
+}
+
+void kl_rms_norm_f32(const float* x, int64_t x_row, const float* w, float* out, int64_t N, int D, float eps,
+                     int threads) {
+    rms_norm(x, x_row, w, out, N, D, eps, threads);
+}
+void kl_rms_norm_bf16(const uint16_t* x, int64_t x_row, const uint16_t* w, uint16_t* out, int64_t N, int D,
+                      float eps, int threads) {
+    rms_norm(x, x_row, w, out, N, D, eps, threads);
+}
+void kl_silu_mul_f32(const float* gu, int64_t row, float* out, int64_t N, int I, int threads) {
+    silu_mul(gu, row, out, N, I, threads);
+}
+void kl_silu_mul_bf16(const uint16_t* gu, int64_t row, uint16_t* out, int64_t N, int I, int threads) {
+    silu_mul(gu, row, out, N, I, threads);
+}
+
+int kl_abi_version() { return 5; }
+
+}

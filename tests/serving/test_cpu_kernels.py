@@ -1,0 +1,202 @@
+"""The CPU decode-attention kernel (`serving.cpu_kernels`) against SDPA on gathered keys with the
+scheduler's own decode mask, its batch invariance, its refusals, and the engine using it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from serving import Engine, SamplingParams, cpu_kernels
+from serving.scheduler import _mask
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason=f"no kernel: {cpu_kernels.why_unavailable}")
+
+ROOT = Path(__file__).parents[2]
+
+
+def case(b, h, hkv, hd, dtype, seed=0, slots_total=512, max_len=70):
+    g = torch.Generator().manual_seed(seed)
+    kc = torch.randn(slots_total, hkv, hd, generator=g).to(dtype)
+    vc = torch.randn(slots_total, hkv, hd, generator=g).to(dtype)
+    lens = torch.randint(1, max_len, (b,), generator=g)
+    lens[0] = 1  # a sequence of one key
+    slots = torch.randint(0, slots_total, (b, int(lens.max())), generator=g)  # repeats allowed
+    q = (torch.randn(b, h, hd, generator=g) * 3).to(dtype)  # peaked softmaxes too
+    return q, kc, vc, slots, lens
+
+
+def reference(q, kc, vc, slots, lens, window):
+    """SDPA in float64 over the gathered keys, masked as the scheduler masks a decode group."""
+    b, h, hd = q.shape
+    hkv, L = kc.shape[1], slots.shape[1]
+    kpos = torch.arange(L)[None]
+    m = _mask(kpos, (lens - 1)[:, None], lens[:, None], window)[:, None, None, :]
+    kg = kc.double().index_select(0, slots.reshape(-1)).view(b, L, hkv, hd).transpose(1, 2)
+    vg = vc.double().index_select(0, slots.reshape(-1)).view(b, L, hkv, hd).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q.double().view(b, hkv, h // hkv, hd), kg, vg, attn_mask=m)
+    return out.reshape(b, h * hd)
+
+
+@pytest.mark.parametrize("hd", [16, 64, 80, 128])
+@pytest.mark.parametrize("h,hkv", [(4, 4), (9, 3), (12, 1), (20, 2)])  # G = 1, 3, 12 and 10 (no special case)
+@pytest.mark.parametrize("window", [None, 5])
+def test_kernel_equals_sdpa_on_gathered_keys(hd, h, hkv, window):
+    q, kc, vc, slots, lens = case(7, h, hkv, hd, torch.float32, seed=hd + h)
+    want = reference(q, kc, vc, slots, lens, window)
+    got = cpu_kernels.decode_attention(q, kc, vc, slots, lens, window)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-5)
+    qb, kb, vb = q.bfloat16(), kc.bfloat16(), vc.bfloat16()
+    got = cpu_kernels.decode_attention(qb, kb, vb, slots, lens, window)
+    want = reference(qb, kb, vb, slots, lens, window)  # the same rounded inputs, exact math
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want, atol=1e-2, rtol=8e-3)  # one bfloat16 rounding
+
+
+def test_strided_queries_and_a_custom_scale():
+    q, kc, vc, slots, lens = case(5, 9, 3, 64, torch.float32, seed=3)
+    wide = torch.randn(5, 12, 64)
+    wide[:, :9] = q  # q as a view with a row stride, as the packed path hands it (qk[:, :H])
+    got = cpu_kernels.decode_attention(wide[:, :9], kc, vc, slots, lens, scale=0.05)
+    want = reference(q * (0.05 * 64 ** 0.5), kc, vc, slots, lens, None)
+    torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hd,h,hkv", [(64, 9, 3), (24, 4, 2)])
+def test_a_sequence_gets_the_same_bits_alone_and_in_any_batch(dtype, hd, h, hkv):
+    q, kc, vc, slots, lens = case(33, h, hkv, hd, dtype, seed=5)
+    full = cpu_kernels.decode_attention(q, kc, vc, slots, lens)
+    perm = torch.randperm(33, generator=torch.Generator().manual_seed(1))
+    shuffled = cpu_kernels.decode_attention(q[perm], kc, vc, slots[perm], lens[perm])
+    assert torch.equal(shuffled, full[perm])
+    for i in (0, 7, 32):
+        n = int(lens[i])
+        alone = cpu_kernels.decode_attention(q[i:i + 1], kc, vc, slots[i:i + 1, :n], lens[i:i + 1])
+        assert torch.equal(alone[0], full[i])
+
+
+def test_bad_inputs_are_refused_not_read():
+    q, kc, vc, slots, lens = case(3, 4, 2, 16, torch.float32)
+    L = slots.shape[1]
+    with pytest.raises(ValueError, match="lengths"):
+        cpu_kernels.decode_attention(q, kc, vc, slots, torch.tensor([1, 0, 2]))
+    with pytest.raises(ValueError, match="lengths"):
+        cpu_kernels.decode_attention(q, kc, vc, slots, torch.tensor([1, L + 1, 2]))
+    bad = slots.clone()
+    bad[1, 0] = kc.shape[0]
+    with pytest.raises(ValueError, match="slots"):
+        cpu_kernels.decode_attention(q, kc, vc, bad, torch.tensor([1, 1, 1]))
+    with pytest.raises(TypeError, match="float32 or all bfloat16"):
+        cpu_kernels.decode_attention(q.bfloat16(), kc, vc, slots, lens)
+    with pytest.raises(ValueError, match="shapes"):
+        cpu_kernels.decode_attention(q[:, :3], kc, vc, slots, lens)  # 3 query heads over 2 key heads
+    assert cpu_kernels.decode_attention(q[:0], kc, vc, slots[:0], lens[:0]).shape == (0, 4 * 16)
+
+
+def test_the_engine_decodes_through_the_kernel(tmp_path, monkeypatch):
+    """The packed engine's decode steps call the kernel (every layer, every step), and give the
+    reference path's tokens and log-probabilities in float32, sliding-window layers included."""
+    from tests.helpers import make_tiny_model
+    from tests.serving.test_model import VARIANTS
+
+    arch, overrides = VARIANTS["mistral-window"]  # window 8: the long prompt's steps drop keys
+    make_tiny_model(tmp_path, arch, seed=2, **overrides)
+    calls = []
+    real = cpu_kernels.decode_attention
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a, **k: calls.append(a[4].numel()) or real(*a, **k))
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True)
+    prompts = [[3, 4, 5, 6, 7], [8, 9, 10], list(range(3, 30))]
+    out = {}
+    for name, packed in (("reference", False), ("packed", True)):
+        e = Engine.from_pretrained(tmp_path, packed_weights=packed, kv_cache_tokens=512, block_size=4)
+        if packed:
+            assert e.model.packed.decode_kernel
+        res = e.generate(prompts, params=params)
+        out[name] = [o.token_ids for o in res], torch.tensor([[t.logprob for t in o.logprobs] for o in res])
+    assert len(calls) == 5 * e.config.num_layers and set(calls) == {3}  # 5 decode steps of 3 sequences
+    assert out["packed"][0] == out["reference"][0]
+    torch.testing.assert_close(out["packed"][1], out["reference"][1], atol=2e-5, rtol=1e-4)
+
+
+def _python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, **env})
+
+
+def test_it_builds_into_its_cache_and_can_be_switched_off(tmp_path):
+    code = ("from serving import cpu_kernels as k; print(k.available(), k.why_unavailable); "
+            "print(sorted(p.name for p in k.cache_dir().glob('*.so')))")
+    r = _python(code, {"KILOLORA_CACHE_DIR": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    first, files = r.stdout.splitlines()
+    assert first == "True None" and files.startswith("['cpu_kernels-") and list((tmp_path / "kernels").glob("*.so"))
+    r = _python(code, {"KILOLORA_CACHE_DIR": str(tmp_path), "KILOLORA_CPU_KERNELS": "0"})
+    assert r.returncode == 0 and r.stdout.startswith("False KILOLORA_CPU_KERNELS=0"), r.stdout + r.stderr
+    env = {"KILOLORA_CACHE_DIR": str(tmp_path / "other"), "PATH": str(tmp_path / "empty"), "CXX": ""}
+    r = _python(code, env)  # no compiler on PATH: unavailable, and one warning says so
+    assert r.returncode == 0 and r.stdout.startswith("False no C++ compiler"), r.stdout + r.stderr
+    assert "decode attention uses SDPA" in r.stderr
+
+
+def test_without_the_kernel_the_engine_keeps_sdpa(tmp_path, monkeypatch):
+    from tests.helpers import make_tiny_model
+
+    make_tiny_model(tmp_path, seed=8)
+    params = SamplingParams(max_tokens=5, temperature=0, logprobs=0, ignore_eos=True)
+    prompts = [[3, 4, 5, 6, 7], [8, 9, 10]]
+    with_kernel = Engine.from_pretrained(tmp_path, kv_cache_tokens=256, block_size=4).generate(prompts, params=params)
+    monkeypatch.setattr(cpu_kernels, "_load", lambda: None)
+    e = Engine.from_pretrained(tmp_path, kv_cache_tokens=256, block_size=4)
+    assert e.model.packed is not None and not e.model.packed.decode_kernel
+    without = e.generate(prompts, params=params)
+    assert [o.token_ids for o in without] == [o.token_ids for o in with_kernel]
+    for a, b in zip(without, with_kernel):
+        torch.testing.assert_close(torch.tensor([t.logprob for t in a.logprobs]),
+                                   torch.tensor([t.logprob for t in b.logprobs]), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(1, 576), (16, 256), (64, 70), (3, 5000)])
+def test_rms_norm_is_transformers_rmsnorm(dtype, n, d):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    g = torch.Generator().manual_seed(n + d)
+    wide = (torch.randn(n, d + 7, generator=g) * 4).to(dtype)
+    x = wide[:, 3:3 + d]  # strided rows
+    norm = LlamaRMSNorm(d, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_((torch.rand(d, generator=g) + 0.5).to(dtype))
+        want = norm(x)
+    got = cpu_kernels.rms_norm(x, norm.weight.detach(), 1e-5)
+    assert got.dtype == dtype and got.shape == (n, d)
+    tol = dict(atol=2e-6, rtol=2e-6) if dtype == torch.float32 else dict(atol=0, rtol=8e-3)  # <= 1 bf16 ulp
+    torch.testing.assert_close(got, want, **tol)
+    assert torch.equal(cpu_kernels.rms_norm(x[1:2].contiguous(), norm.weight.detach(), 1e-5)[0], got[1]) if n > 1 else True
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,i", [(1, 1536), (64, 768), (5, 33)])
+def test_silu_mul_is_torchs(dtype, n, i):
+    g = torch.Generator().manual_seed(i)
+    gu = (torch.randn(n, 2 * i, generator=g) * 6).to(dtype)
+    gu[0, :3] = torch.tensor([-200.0, 200.0, 0.0])  # saturating and zero inputs
+    want = F.silu(gu[:, :i]) * gu[:, i:]
+    got = cpu_kernels.silu_mul(gu)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=0, rtol=8e-3)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_rms_norm_and_silu_mul_refuse_what_they_cannot_read():
+    with pytest.raises(ValueError, match="weight must be"):
+        cpu_kernels.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-6)
+    with pytest.raises(ValueError, match="2-D float32 or bfloat16"):
+        cpu_kernels.rms_norm(torch.randn(2, 8).half(), torch.ones(8).half(), 1e-6)
+    with pytest.raises(ValueError, match="odd"):
+        cpu_kernels.silu_mul(torch.randn(2, 7))
