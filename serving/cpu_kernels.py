@@ -9,7 +9,8 @@ the cache holds it (as vLLM's CPU backend does with its own C++ kernels). RMSNor
 
 It is compiled on first use with the system's C++ compiler (`$CXX`, else `c++` / `g++`; about a
 second: it includes no torch header) into `$KILOLORA_CACHE_DIR/kernels` (default
-`~/.cache/kilolora/kernels`), one file per source, compiler and CPU, and loaded with ctypes; its
+`~/.cache/kilolora/kernels`; a private temporary directory if that is not writable), one file per
+source, compiler and CPU, and loaded with ctypes; its
 OpenMP team is the one torch runs (same libgomp). Without a compiler, or with
 `KILOLORA_CPU_KERNELS=0`, `available()` is False and the engine keeps SDPA (one warning says why).
 """
@@ -33,7 +34,7 @@ log = logging.getLogger("kilolora.kernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC"]
-_ABI = 5
+_ABI = 6
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -70,7 +71,15 @@ def _build(cxx: str) -> Path:
     out = cache_dir() / f"cpu_kernels-{key[:16]}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError(f"{out.parent} is not writable")
+    except OSError:  # a read-only home: a private temporary directory instead
+        out = Path(tempfile.gettempdir()) / f"kilolora-kernels-{os.getuid()}" / out.name
+        out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if out.exists():
+            return out
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
@@ -110,6 +119,9 @@ def _load() -> ctypes.CDLL | None:
                     fn.restype = None
                 for fn in (lib.kl_silu_mul_f32, lib.kl_silu_mul_bf16):
                     fn.argtypes = [ptr, i64, ptr, i64, i32, i32]
+                    fn.restype = None
+                for fn in (lib.kl_bank_expand_f32, lib.kl_bank_expand_bf16):
+                    fn.argtypes = [ptr, i64, ptr, i32, i32, ptr, ptr, i64, i64, i32, i32, ptr, i32, i32]
                     fn.restype = None
                 _lib = lib
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
@@ -211,3 +223,40 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     fn = lib.kl_silu_mul_f32 if gate_up.dtype == torch.float32 else lib.kl_silu_mul_bf16
     fn(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), n, two_i // 2, _threads(n * two_i))
     return out
+
+
+def bank_blocks(blocks, r: int, d_out: int) -> torch.Tensor:
+    """`bank_expand`'s block table from a folded group's (core slice, output slice) per module, or
+    one block over everything (None)."""
+    if blocks is None:
+        return torch.tensor([[0, r, 0, d_out]], dtype=torch.int32)
+    return torch.tensor([[a.start, a.stop, b.start, b.stop] for a, b in blocks], dtype=torch.int32)
+
+
+def bank_expand(z: torch.Tensor, cores: torch.Tensor, zs: bool, ut: torch.Tensor, y: torch.Tensor,
+                blocks: torch.Tensor) -> None:
+    """y[n] += (S_n z[n]) Uᵀ in place, per module block (`bank_blocks`): a folded bank's work per
+    token (`lora_batch`). z (N, R) in y's dtype (rows may be strided); cores (N, R, R) float32 in
+    `core_layout` (`zs`: they hold Sᵀ) or (N, R) diagonal; ut (R, D) float32; y (N, D) float32 or
+    bfloat16, rows may be strided. Only each block's diagonal core block is read."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {why_unavailable}")
+    n, r = z.shape
+    d = ut.shape[1]
+    if (y.shape != (n, d) or ut.shape != (r, d) or cores.shape[0] != n or cores.shape[1:] not in ((r, r), (r,))
+            or y.dtype != z.dtype or y.dtype not in (torch.float32, torch.bfloat16)
+            or cores.dtype != torch.float32 or ut.dtype != torch.float32 or y.stride(1) != 1
+            or blocks.dtype != torch.int32 or blocks.dim() != 2 or blocks.shape[1] != 4):
+        raise ValueError(f"bank_expand: z {tuple(z.shape)} {z.dtype}, cores {tuple(cores.shape)} {cores.dtype}, "
+                         f"ut {tuple(ut.shape)} {ut.dtype}, y {tuple(y.shape)} {y.dtype} do not fit")
+    b = blocks.tolist()
+    if any(not (0 <= r0 <= r1 <= r and 0 <= c0 <= c1 <= d) for r0, r1, c0, c1 in b):
+        raise ValueError(f"bank_expand: blocks {b} outside R = {r}, D = {d}")
+    if n == 0:
+        return
+    z = z if z.stride(1) == 1 else z.contiguous()
+    cores, ut, blocks = cores.contiguous(), ut.contiguous(), blocks.contiguous()
+    fn = lib.kl_bank_expand_f32 if y.dtype == torch.float32 else lib.kl_bank_expand_bf16
+    fn(z.data_ptr(), z.stride(0), cores.data_ptr(), int(cores.dim() == 2), int(zs), ut.data_ptr(), y.data_ptr(),
+       y.stride(0), n, r, d, blocks.data_ptr(), blocks.shape[0], _threads(n * r * d // 8))

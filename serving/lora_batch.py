@@ -18,7 +18,8 @@ import torch
 from .config import ModelConfig
 from .kernels import bank_lora, dense_lora, group_by_cluster
 from .kernels.bank_lora import bank_lora_routed, route_bank
-from .kernels.common import apply_cores
+from . import cpu_kernels
+from .kernels.common import CORE_ZS_MIN_RANK, apply_cores
 from .model import FUSED_GROUPS
 
 BLOCK_EXPAND_MIN_ROWS = 64
@@ -84,6 +85,9 @@ class LoraBatch:
                 by_rank = {rg: s.index_select(1, idx) for rg, s in t.cores.items()}  # (J, rows, R, R)
                 for key, (*_, rg, j) in (t.folded | t.grouped).items():
                     self.cores[key] = by_rank[rg][j]
+        self.cpu_kernels = False
+        """the packed path sets this per forward: a folded bank's work through `cpu_kernels.bank_expand`"""
+        self._blocks: dict[tuple[int, str], torch.Tensor] = {}
         cfg = t.config
         sizes = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
                  "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
@@ -99,6 +103,15 @@ class LoraBatch:
         t, key = self.tensors, (layer, group)
         st = self.cores.get(key)
         if st is not None and extra is not None:  # a folded bank: extra = x V
+            ut = t.folded[key][0]
+            if self.cpu_kernels and ut.dtype == st.dtype == torch.float32 and extra.dtype == y.dtype:
+                blocks = self._blocks.get(key)
+                if blocks is None:
+                    blocks = self._blocks[key] = cpu_kernels.bank_blocks(t.folded_blocks.get(key), *ut.shape)
+                zs = st.dim() == 3 and st.shape[-1] >= CORE_ZS_MIN_RANK
+                cpu_kernels.bank_expand(extra, st, zs, ut, y, blocks)  # the lines below in one pass
+                st = None
+        if st is not None and extra is not None:
             ut = t.folded[key][0]
             h = apply_cores(extra if extra.dtype == ut.dtype else extra.float(), st, self.shared)  # (N, R)
             blocks = t.folded_blocks.get(key)

@@ -250,6 +250,8 @@ class Transformer:
         """The decoder layers and the final norm over hidden states h (..., D), the one loop both
         forwards share; `attend(layer, q, k, v)` -> (..., H*hd) is where they differ."""
         c = self.config
+        if hasattr(lora, "cpu_kernels"):
+            lora.cpu_kernels = False  # the reference path: torch's ops
         for i, lw in enumerate(self.layers):
             x = self._rms(h, lw.ln_attn)
             qkv = _adapted(lora, i, "qkv", x, lw.wqkv, lw.bqkv, lw.extra.get("qkv", 0))  # (..., q + 2kv)
@@ -273,6 +275,8 @@ class Transformer:
         rounds differently from torch's silu, so it is not fused)."""
         c = self.config
         nq, nqk = c.num_heads, c.num_heads + c.num_kv_heads
+        if hasattr(lora, "cpu_kernels"):  # a LoraBatch: its folded bank's work in one kernel a group
+            lora.cpu_kernels = packed.kernels
         for i, lw in enumerate(self.layers):
             x = self._rms_packed(h, lw.ln_attn)
             qkv = packed.linear(i, "qkv", x, lora)  # (N, q + 2kv)

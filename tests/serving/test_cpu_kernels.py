@@ -200,3 +200,42 @@ def test_rms_norm_and_silu_mul_refuse_what_they_cannot_read():
         cpu_kernels.rms_norm(torch.randn(2, 8).half(), torch.ones(8).half(), 1e-6)
     with pytest.raises(ValueError, match="odd"):
         cpu_kernels.silu_mul(torch.randn(2, 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["full-small", "full-zs", "diag"])
+def test_bank_expand_is_the_folded_banks_torch_math(dtype, kind):
+    """y += (S_n z_n) Uᵀ per module block, against apply_cores + a matmul (lora_batch's torch path);
+    a row with the zero core (a base token) keeps its bits."""
+    from serving.kernels.common import CORE_ZS_MIN_RANK, apply_cores, core_layout
+
+    g = torch.Generator().manual_seed(len(kind))
+    r, n = (4 if kind == "full-small" else 16), 9  # R = 12 (S @ z) or 48 (z @ Sᵀ)
+    outs = [40, 24, 24]  # a q|k|v-like group: three modules, each of rank r
+    R, D = 3 * r, sum(outs)
+    ut = torch.zeros(R, D)
+    blocks, off = [], 0
+    for j, o in enumerate(outs):
+        ut[j * r:(j + 1) * r, off:off + o] = torch.randn(r, o, generator=g)
+        blocks.append((slice(j * r, (j + 1) * r), slice(off, off + o)))
+        off += o
+    if kind == "diag":
+        cores = torch.randn(n, R, generator=g)
+    else:
+        S = torch.zeros(n, R, R)
+        for j in range(3):
+            S[:, j * r:(j + 1) * r, j * r:(j + 1) * r] = torch.randn(n, r, r, generator=g)
+        cores = core_layout(S).contiguous()
+    cores[4] = 0  # a base token
+    zs = kind == "full-zs"
+    assert zs == (cores.dim() == 3 and R >= CORE_ZS_MIN_RANK)
+    wide = torch.randn(n, D + R + 3, generator=g).to(dtype)  # y and z = x V side by side, as the GEMM leaves them
+    y, z = wide[:, :D], wide[:, D:D + R]
+    want = y.float() + apply_cores(z.float(), cores) @ ut
+    before = y.clone()
+    cpu_kernels.bank_expand(z, cores, zs, ut, y, cpu_kernels.bank_blocks(blocks, R, D))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=8e-3)
+    torch.testing.assert_close(y.float(), want.to(dtype).float(), **tol)
+    assert torch.equal(y[4], before[4]) and not torch.equal(y[3], before[3])
+    with pytest.raises(ValueError, match="outside"):
+        cpu_kernels.bank_expand(z, cores, zs, ut, y, torch.tensor([[0, R + 1, 0, D]], dtype=torch.int32))
