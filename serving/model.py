@@ -60,8 +60,8 @@ class AttnGroup:
     covers_all: bool = False
     """q_rows is exactly arange(N): the output needs no scatter"""
     lengths: torch.Tensor | None = None
-    """(B,) int64 keys per sequence, for a decode group (Q = 1; the query is the last key): the
-    packed path's decode-attention kernel reads keys by `key_slots[:, :lengths]`, not the masks"""
+    """(B, Q) int64 keys each query attends (its position + 1; (B,) for a decode group, Q = 1):
+    the packed path's decode-attention kernel reads keys by `key_slots[:, :lengths]`, not the masks"""
 
 
 @dataclass
@@ -312,9 +312,13 @@ class Transformer:
         for g in batch.groups:
             b, nq = g.q_rows.shape
             qg = q if g.covers_all else q.index_select(0, g.q_rows.view(-1))  # (B*Q, H, hd)
-            if nq == 1 and g.lengths is not None and self.packed is not None and self.packed.decode_kernel:
-                # keys and values read where the cache holds them (`cpu_kernels`): no gather
-                og = cpu_kernels.decode_attention(qg, cache.k[layer], cache.v[layer], g.key_slots, g.lengths, window)
+            if (nq <= PackedWeights.KERNEL_MAX_Q and g.lengths is not None and self.packed is not None
+                    and self.packed.decode_kernel):
+                # keys and values read where the cache holds them (`cpu_kernels`): no gather; a short
+                # chunk (a verifier scoring a few tokens over a cached prefix) as one row per query
+                slots = g.key_slots if nq == 1 else g.key_slots.repeat_interleave(nq, dim=0)
+                og = cpu_kernels.decode_attention(qg, cache.k[layer], cache.v[layer], slots, g.lengths.reshape(-1),
+                                                  window)
                 if g.covers_all:
                     return og
                 if out is None:
@@ -381,6 +385,9 @@ class PackedWeights:
     SmolLM2's shapes on a 2-core EPYC, at every row count): there float32 weights of this many
     elements up run packed at every row count, smaller ones on MKL (the embedded world's o and head
     projections, where MKL still wins)"""
+    KERNEL_MAX_Q = 8
+    """chunks of up to this many queries attend through the decode-attention kernel (longer
+    prefills through SDPA: its blocked GEMMs win when many queries share the keys)"""
     BATCH_HINT = 16
     """the rows the packed layout is tuned for (any count is computed correctly)"""
 

@@ -255,7 +255,7 @@ class Scheduler:
             qpos = (starts[:, None] + torch.arange(q, device=dev)[None])[:, :, None]  # (B, Q, 1)
             masks = {w: _mask(kpos, qpos, ends[:, None, None], w)[:, None] for w in windows}  # (B, 1, Q, L)
             q_rows = torch.tensor([r for _, r, _, _ in items], device=dev)[:, None] + torch.arange(q, device=dev)[None]
-            groups.append(AttnGroup(q_rows, key_slots, masks, covers_all=len(plan) == 1))
+            groups.append(AttnGroup(q_rows, key_slots, masks, covers_all=len(plan) == 1, lengths=qpos[..., 0] + 1))
         batch = ForwardBatch(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev),
                              torch.tensor(slots, device=dev), groups)
         return batch, uids

@@ -101,8 +101,9 @@ def test_bad_inputs_are_refused_not_read():
 
 
 def test_the_engine_decodes_through_the_kernel(tmp_path, monkeypatch):
-    """The packed engine's decode steps call the kernel (every layer, every step), and give the
-    reference path's tokens and log-probabilities in float32, sliding-window layers included."""
+    """The packed engine's decode steps and short prefill chunks call the kernel (every layer, every
+    step), and give the reference path's tokens and log-probabilities in float32, sliding-window
+    layers included."""
     from tests.helpers import make_tiny_model
     from tests.serving.test_model import VARIANTS
 
@@ -120,7 +121,9 @@ def test_the_engine_decodes_through_the_kernel(tmp_path, monkeypatch):
             assert e.model.packed.decode_kernel
         res = e.generate(prompts, params=params)
         out[name] = [o.token_ids for o in res], torch.tensor([[t.logprob for t in o.logprobs] for o in res])
-    assert len(calls) == 5 * e.config.num_layers and set(calls) == {3}  # 5 decode steps of 3 sequences
+    # the prefill's two short prompts (5 and 3 queries; the 27-token one takes SDPA), then 5 decode
+    # steps of 3 sequences, in every layer
+    assert len(calls) == 7 * e.config.num_layers and sorted(calls[:2]) == [3, 5] and set(calls[2:]) <= {3, 5}
     assert out["packed"][0] == out["reference"][0]
     torch.testing.assert_close(out["packed"][1], out["reference"][1], atol=2e-5, rtol=1e-4)
 
