@@ -105,7 +105,9 @@ def test_activated_adapter_matches_peft_and_reuses_the_prefix(world, std):
     assert counters.prefilled == len(ctx) and counters.reused == 0
     [(again, counters)] = engine.score_many([(seq, [7], "std")])
     assert counters.reused == (len(ctx) - 1) // 4 * 4 and counters.prefilled == len(ctx) - counters.reused
-    assert first == again
+    # the same values, not always the same bits: the cached run's few remaining queries attend
+    # through the CPU decode-attention kernel (`cpu_kernels`), the full prefill through SDPA
+    torch.testing.assert_close(torch.tensor(again), torch.tensor(first), atol=1e-6, rtol=1e-6)
 
 
 def _random_adapters(root, n: int, seed: int, r: int = 4, modules=("q_proj", "v_proj", "down_proj")) -> list:
