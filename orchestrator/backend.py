@@ -184,7 +184,8 @@ class EngineBackend:
                 on_text(i, text[len(streamed.get(r.seq, "")):])  # the stop string, held back
             top = None
             if c.logprobs is not None:
-                top = [{self.tokenizer.convert_ids_to_tokens(t): lp for t, lp in x.top} for x in c.logprobs]
+                top = [dict(zip(self.tokenizer.convert_ids_to_tokens([t for t, _ in x.top]), (lp for _, lp in x.top)))
+                       for x in c.logprobs]
             eos = bool(c.token_ids) and c.token_ids[-1] in eng.eos_token_ids
             n = c.counters
             out.append(GenResult(text, c.finish_reason, eos,

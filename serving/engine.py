@@ -22,6 +22,7 @@ import torch
 
 from compression.peft_io import LoraAdapter
 
+from . import cpu_kernels
 from .adapters import BASE, AdapterInfo, AdapterRegistry
 from .blocks import BlockManager
 from .model import KVCache, Transformer, load_model
@@ -57,6 +58,8 @@ class Engine:
         # the packed path (serving.model.PackedWeights): None = where supported, False = the reference path
         if packed_weights is False or model.packed is None:
             model.use_packed(packed_weights)
+        if torch.device(model.device).type == "cpu":  # activations reuse warm heap pages (see there)
+            cpu_kernels.retain_heap()
         self.block_size = block_size
         self.max_batch_tokens = max_batch_tokens
         self.max_model_len = max_model_len if max_model_len is not None else model.config.max_position_embeddings
@@ -204,12 +207,20 @@ class Engine:
         a = s.adapter
         if a is not None and a.activated and search:
             s.alora_start = find_last(s.tokens, a.alora_invocation_tokens)
-        first = len(s.tokens)
-        for pos in range(len(s.tokens)):
-            uid = s.uid_at(pos)
-            if s.adapters[pos] != uid:
-                s.adapters[pos] = uid
-                first = min(first, pos)
+        n = len(s.tokens)
+        # `Seq.uid_at` of every position, as its two runs: the base's up to `base`, then the adapter's
+        if a is None:
+            base = n
+        elif a.activated:
+            base = n if s.alora_start is None else min(s.alora_start, n)
+        else:
+            base = 0
+        want = [BASE] * base + [a.uid] * (n - base) if base < n else [BASE] * n
+        first = n
+        if s.adapters != want:
+            first = next((pos for pos, (have, uid) in enumerate(zip(s.adapters, want)) if have != uid),
+                         min(len(s.adapters), n))
+            s.adapters[:] = want
         self.scheduler.invalidate(s, first)
 
     def fork(self, seq: int, n: int = 1) -> list[int]:

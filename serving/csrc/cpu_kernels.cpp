@@ -155,6 +155,7 @@ TaskFn<T> pick_g(int G) {
 template <typename T>
 TaskFn<T> pick(int hd, int G) {
     switch (hd) {
+        case 32: return pick_g<T, 32>(G);
         case 64: return pick_g<T, 64>(G);
         case 128: return pick_g<T, 128>(G);
         default: return task<T, 0, 0>;

@@ -67,6 +67,13 @@ class BankGroups:
             self._cache[key] = tiles.to(self.token_idx.device)
         return self._cache[key]
 
+    def unadapted(self) -> torch.Tensor:
+        """(T, 1) bool: True on the rows no adapter touches. Cached."""
+        if "unadapted" not in self._cache:
+            m = torch.ones(self.n_tokens, 1, dtype=torch.bool, device=self.token_idx.device)
+            self._cache["unadapted"] = m.index_fill_(0, self.token_idx, False)
+        return self._cache["unadapted"]
+
     def padded(self, n_groups: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every group padded to m rows, for one bmm over all groups: token rows (G*m,), core
         ids (G*m,), pad mask (G*m, 1) and group ids (G,). A pad repeats its group's last token,
@@ -254,6 +261,13 @@ def lora_torch(x, V, U, y, g: BankGroups, core: Core | None = None, *, pads_zero
         Ug = U if every else _gather(U, ids)  # (G, d_out, r)
         out = torch.bmm(h.view(G, m, -1), Ug.transpose(1, 2))  # (G, m, d_out)
         y.index_add_(0, tok, out.view(G * m, -1))
+        return
+    if core is None and not g.identity and len(g.clusters) == 1 and x.is_cpu and 2 * g.n_adapted >= g.n_tokens:
+        # one adapter over most of the batch (a verifier's scoring round): every row through it,
+        # the other rows' z zeroed, beats a gather and an index_add_ (~1 us a row at d_out 768)
+        k = g.clusters[0]
+        z = _mm(x, V[k]).masked_fill_(g.unadapted(), 0.0)  # (T, r)
+        y.addmm_(z, U[k].T)
         return
     xs = x if g.identity else x.index_select(0, g.token_idx)  # (n, d_in)
     z = _shrink(xs, V, g)  # (n, r)

@@ -43,7 +43,7 @@ def reference(q, kc, vc, slots, lens, window):
     return out.reshape(b, h * hd)
 
 
-@pytest.mark.parametrize("hd", [16, 64, 80, 128])
+@pytest.mark.parametrize("hd", [16, 32, 64, 80, 128])
 @pytest.mark.parametrize("h,hkv", [(4, 4), (9, 3), (12, 1), (20, 2)])  # G = 1, 3, 12 and 10 (no special case)
 @pytest.mark.parametrize("window", [None, 5])
 def test_kernel_equals_sdpa_on_gathered_keys(hd, h, hkv, window):
@@ -69,7 +69,7 @@ def test_strided_queries_and_a_custom_scale():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hd,h,hkv", [(64, 9, 3), (24, 4, 2)])
+@pytest.mark.parametrize("hd,h,hkv", [(64, 9, 3), (32, 8, 4), (24, 4, 2)])
 def test_a_sequence_gets_the_same_bits_alone_and_in_any_batch(dtype, hd, h, hkv):
     q, kc, vc, slots, lens = case(33, h, hkv, hd, dtype, seed=5)
     full = cpu_kernels.decode_attention(q, kc, vc, slots, lens)
@@ -242,3 +242,42 @@ def test_bank_expand_is_the_folded_banks_torch_math(dtype, kind):
     assert torch.equal(y[4], before[4]) and not torch.equal(y[3], before[3])
     with pytest.raises(ValueError, match="outside"):
         cpu_kernels.bank_expand(z, cores, zs, ut, y, torch.tensor([[0, R + 1, 0, D]], dtype=torch.int32))
+
+
+HEAP_PROBE = """
+import ctypes, resource, tempfile
+from serving import Engine, cpu_kernels
+from tests.helpers import make_tiny_model
+with tempfile.TemporaryDirectory() as d:
+    make_tiny_model(d)
+    Engine.from_pretrained(d, kv_cache_tokens=64)  # a CPU engine tunes the heap, once per process
+print(cpu_kernels._heap, end=" ")
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+n = 30 << 20  # one activation of a large prefill chunk
+for i in range(3):
+    f = faults(); p = libc.malloc(n); libc.memset(p, 1, n); libc.free(p)
+    print(faults() - f, end=" ")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_cpu_engine_keeps_freed_activations_warm_in_the_heap():
+    """Once an engine tuned the heap, the second 30 MiB block reuses the first one's pages (no page
+    faults); with the tuning off, or under the user's own glibc settings, glibc maps the first
+    block and hands it back, and the second one faults on every page again."""
+    pages = (30 << 20) // 4096
+    runs = {}
+    for name, env in (("tuned", {}), ("off", {"KILOLORA_RETAIN_HEAP": "0"}),
+                      ("user's", {"MALLOC_TRIM_THRESHOLD_": "131072"})):
+        r = _python(HEAP_PROBE, env)
+        assert r.returncode == 0, r.stderr
+        tuned, *counts = r.stdout.split()
+        runs[name] = tuned, [int(c) for c in counts]
+    tuned, counts = runs["tuned"]
+    assert tuned == "True" and counts[0] > pages // 2 and max(counts[1:]) < pages // 20, runs
+    for name in ("off", "user's"):
+        tuned, counts = runs[name]
+        assert tuned == "False" and counts[1] > pages // 2, runs

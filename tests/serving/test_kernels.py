@@ -37,9 +37,14 @@ DENSE_IMPLS = [
 
 
 def make_ids(T: int, n: int, pattern: str, gen: torch.Generator) -> torch.Tensor:
-    """(T,) adapter ids: 'mixed' (some -1), 'all', 'none' (all -1), 'distinct', 'one'."""
+    """(T,) adapter ids: 'mixed' (some -1), 'all', 'none' (all -1), 'distinct', 'one', 'mostly-one'
+    (one adapter on about 70% of the rows, the rest none: a verifier's scoring round)."""
     if pattern == "none":
         return torch.full((T,), -1)
+    if pattern == "mostly-one":
+        ids = torch.full((T,), n - 1)
+        ids[torch.randperm(T, generator=gen)[: T * 3 // 10]] = -1
+        return ids
     if pattern == "distinct":
         return torch.randperm(n, generator=gen)[:T]
     if pattern == "one":
@@ -260,6 +265,9 @@ DENSE_CASES = {
     "2049-in-r64": (8, 2049, 40, 64, 12, torch.float32, "distinct", False),
     "2049-out-bf16": (8, 40, 2049, 16, 6, torch.bfloat16, "mixed", True),
     "mixed-bf16": (37, 64, 48, 8, 10, torch.bfloat16, "mixed", False),
+    "mostly-one": (40, 64, 48, 8, 4, torch.float32, "mostly-one", False),
+    "mostly-one-view": (40, 64, 48, 16, 4, torch.float32, "mostly-one", True),
+    "mostly-one-bf16": (40, 64, 48, 8, 4, torch.bfloat16, "mostly-one", True),
 }
 
 
@@ -269,6 +277,24 @@ def test_dense_lora_matches_reference(fn, case):
     *shape, dtype, pattern, view = DENSE_CASES[case]
     args, y, base, ids = make_dense(*shape, dtype, pattern, view, seed=len(case))
     check_update(fn, dense_lora_ref, args, y, base, ids, dtype)
+
+
+@pytest.mark.parametrize("case", ["mostly-one", "mostly-one-view", "mostly-one-bf16"])
+def test_dense_lora_one_adapter_over_most_rows_takes_every_row(monkeypatch, case):
+    """One adapter on most rows: every row goes through it with the others' z zeroed, no gather
+    and no index_add_ (the per-group helpers are made to fail); the result is the reference's and
+    the other rows stay bit-identical."""
+    import serving.kernels.common as common
+
+    def fail(*a, **k):
+        raise AssertionError("took the gather / index_add_ path")
+
+    monkeypatch.setattr(common, "_shrink", fail)
+    monkeypatch.setattr(common, "_expand", fail)
+    *shape, dtype, pattern, view = DENSE_CASES[case]
+    args, y, base, ids = make_dense(*shape, dtype, pattern, view, seed=3)
+    assert 0 < int((ids < 0).sum()) < len(ids) // 2
+    check_update(dense_lora_torch, dense_lora_ref, args, y, base, ids, dtype)
 
 
 def dense_error_cases():
