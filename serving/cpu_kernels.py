@@ -155,7 +155,7 @@ def retain_heap() -> bool:
     that is free, and each page of such a block faults on first touch: ~1 us a 4 KiB page here,
     3 ms for one 12 MB gate/up output of a 2048-token prefill chunk, which the GEMM itself
     computes in 4 ms. With blocks up to 32 MiB from the heap and 512 MiB of free top kept, a
-    steady stream of steps reuses warm pages (the demo's verifier rounds: ~25% faster). What
+    steady stream of steps reuses warm pages (the demo's verifier rounds: ~20% faster). What
     tcmalloc or jemalloc under LD_PRELOAD give, as vLLM's CPU guide advises, without either.
 
     Process-wide and once (the engine calls it on CPU); skipped where the user set glibc's own
