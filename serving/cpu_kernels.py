@@ -223,8 +223,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+_SMALL_OP = 1 << 15
+"""elements below which a kernel runs on the calling thread: no thread team to wake"""
+
+
 def _threads(elements: int) -> int:
-    return 1 if elements < 1 << 15 else torch.get_num_threads()  # a small op: no thread team to wake
+    return 1 if elements < _SMALL_OP else torch.get_num_threads()
 
 
 def _rows(x: torch.Tensor, what: str) -> torch.Tensor:
@@ -280,24 +284,44 @@ def bank_expand(z: torch.Tensor, cores: torch.Tensor, zs: bool, ut: torch.Tensor
     token (`lora_batch`). z (N, R) in y's dtype (rows may be strided); cores (N, R, R) float32 in
     `core_layout` (`zs`: they hold Sᵀ) or (N, R) diagonal; ut (R, D) float32; y (N, D) float32 or
     bfloat16, rows may be strided. Only each block's diagonal core block is read."""
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"the CPU kernels are unavailable: {why_unavailable}")
-    n, r = z.shape
-    d = ut.shape[1]
-    if (y.shape != (n, d) or ut.shape != (r, d) or cores.shape[0] != n or cores.shape[1:] not in ((r, r), (r,))
-            or y.dtype != z.dtype or y.dtype not in (torch.float32, torch.bfloat16)
-            or cores.dtype != torch.float32 or ut.dtype != torch.float32 or y.stride(1) != 1
-            or blocks.dtype != torch.int32 or blocks.dim() != 2 or blocks.shape[1] != 4):
-        raise ValueError(f"bank_expand: z {tuple(z.shape)} {z.dtype}, cores {tuple(cores.shape)} {cores.dtype}, "
-                         f"ut {tuple(ut.shape)} {ut.dtype}, y {tuple(y.shape)} {y.dtype} do not fit")
-    b = blocks.tolist()
-    if any(not (0 <= r0 <= r1 <= r and 0 <= c0 <= c1 <= d) for r0, r1, c0, c1 in b):
-        raise ValueError(f"bank_expand: blocks {b} outside R = {r}, D = {d}")
-    if n == 0:
-        return
-    z = z if z.stride(1) == 1 else z.contiguous()
-    cores, ut, blocks = cores.contiguous(), ut.contiguous(), blocks.contiguous()
-    fn = lib.kl_bank_expand_f32 if y.dtype == torch.float32 else lib.kl_bank_expand_bf16
-    fn(z.data_ptr(), z.stride(0), cores.data_ptr(), int(cores.dim() == 2), int(zs), ut.data_ptr(), y.data_ptr(),
-       y.stride(0), n, r, d, blocks.data_ptr(), blocks.shape[0], _threads(n * r * d // 8))
+    BankExpand(cores, zs, ut, blocks)(z, y)
+
+
+class BankExpand:
+    """`bank_expand` with the operands a batch keeps (cores, Uᵀ, blocks) checked once: a folded
+    group calls it every decode step with only z and y new, and the checks and conversions of the
+    one-shot form cost more than the kernel's own start (~5 us a call, 120 calls a SmolLM2 step)."""
+
+    def __init__(self, cores: torch.Tensor, zs: bool, ut: torch.Tensor, blocks: torch.Tensor):
+        lib = _load()
+        if lib is None:
+            raise RuntimeError(f"the CPU kernels are unavailable: {why_unavailable}")
+        r, d = ut.shape
+        if (cores.dim() not in (2, 3) or cores.shape[1:] not in ((r, r), (r,)) or cores.dtype != torch.float32
+                or ut.dtype != torch.float32 or blocks.dtype != torch.int32 or blocks.dim() != 2
+                or blocks.shape[1] != 4 or cores.device.type != "cpu" or ut.device.type != "cpu"):
+            raise ValueError(f"bank_expand: cores {tuple(cores.shape)} {cores.dtype}, ut {tuple(ut.shape)} {ut.dtype}, "
+                             f"blocks {tuple(blocks.shape)} {blocks.dtype} do not fit")
+        b = blocks.tolist()
+        if any(not (0 <= r0 <= r1 <= r and 0 <= c0 <= c1 <= d) for r0, r1, c0, c1 in b):
+            raise ValueError(f"bank_expand: blocks {b} outside R = {r}, D = {d}")
+        self.cores, self.ut, self.blocks = cores.contiguous(), ut.contiguous(), blocks.contiguous()
+        self.rows, self.r, self.d = cores.shape[0], r, d
+        self._args = (self.cores.data_ptr(), int(cores.dim() == 2), int(zs), self.ut.data_ptr())
+        self._tail = (r, d, self.blocks.data_ptr(), len(b))
+        self._f32, self._bf16 = lib.kl_bank_expand_f32, lib.kl_bank_expand_bf16
+        self._big = self.rows * r * d // 8 >= _SMALL_OP
+
+    def __call__(self, z: torch.Tensor, y: torch.Tensor) -> None:
+        n = self.rows
+        if (z.shape != (n, self.r) or y.shape != (n, self.d) or z.dtype != y.dtype or y.stride(1) != 1
+                or y.dtype not in (torch.float32, torch.bfloat16) or z.device.type != "cpu" or y.device.type != "cpu"):
+            raise ValueError(f"bank_expand: z {tuple(z.shape)} {z.dtype}, y {tuple(y.shape)} {y.dtype} (rows must "
+                             f"be contiguous) do not fit {n} rows of R = {self.r}, D = {self.d}")
+        if n == 0:
+            return
+        if z.stride(1) != 1:
+            z = z.contiguous()
+        fn = self._f32 if y.dtype == torch.float32 else self._bf16
+        fn(z.data_ptr(), z.stride(0), *self._args, y.data_ptr(), y.stride(0), n, *self._tail,
+           torch.get_num_threads() if self._big else 1)

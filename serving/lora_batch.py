@@ -87,7 +87,10 @@ class LoraBatch:
                     self.cores[key] = by_rank[rg][j]
         self.cpu_kernels = False
         """the packed path sets this per forward: a folded bank's work through `cpu_kernels.bank_expand`"""
-        self._blocks: dict[tuple[int, str], torch.Tensor] = {}
+        self._folded_only = self.dense is None and self.bank is None and self.route is None
+        """only folded groups' work: a group with a built `_expand` needs nothing else"""
+        self._expand: dict[tuple[int, str], cpu_kernels.BankExpand] = {}
+        """(layer, group) -> its folded expand with this batch's cores (`cpu_kernels.BankExpand`)"""
         cfg = t.config
         sizes = {"q_proj": cfg.q_size, "k_proj": cfg.kv_size, "v_proj": cfg.kv_size, "o_proj": cfg.hidden_size,
                  "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
@@ -100,16 +103,21 @@ class LoraBatch:
 
     def __call__(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor,
                  extra: torch.Tensor | None = None) -> None:
+        if self._folded_only and extra is not None:  # the common CPU decode step: one call, no other lookups
+            expand = self._expand.get((layer, group))
+            if expand is not None:
+                return expand(extra, y)
         t, key = self.tensors, (layer, group)
         st = self.cores.get(key)
         if st is not None and extra is not None:  # a folded bank: extra = x V
             ut = t.folded[key][0]
             if self.cpu_kernels and ut.dtype == st.dtype == torch.float32 and extra.dtype == y.dtype:
-                blocks = self._blocks.get(key)
-                if blocks is None:
-                    blocks = self._blocks[key] = cpu_kernels.bank_blocks(t.folded_blocks.get(key), *ut.shape)
-                zs = st.dim() == 3 and st.shape[-1] >= CORE_ZS_MIN_RANK
-                cpu_kernels.bank_expand(extra, st, zs, ut, y, blocks)  # the lines below in one pass
+                expand = self._expand.get(key)
+                if expand is None:
+                    blocks = cpu_kernels.bank_blocks(t.folded_blocks.get(key), *ut.shape)
+                    zs = st.dim() == 3 and st.shape[-1] >= CORE_ZS_MIN_RANK
+                    expand = self._expand[key] = cpu_kernels.BankExpand(st, zs, ut, blocks)
+                expand(extra, y)  # the lines below in one pass
                 st = None
         if st is not None and extra is not None:
             ut = t.folded[key][0]

@@ -207,14 +207,17 @@ def test_rms_norm_and_silu_mul_refuse_what_they_cannot_read():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["full-small", "full-zs", "diag"])
-def test_bank_expand_is_the_folded_banks_torch_math(dtype, kind):
+@pytest.mark.parametrize("n", [8, 9, 23])
+def test_bank_expand_is_the_folded_banks_torch_math(dtype, kind, n):
     """y += (S_n z_n) Uᵀ per module block, against apply_cores + a matmul (lora_batch's torch path);
-    a row with the zero core (a base token) keeps its bits."""
+    a row with the zero core (a base token) keeps its bits, and a row's bits are the same computed
+    alone. The kernel tiles 4 rows x 64 columns (16 on AVX2): n - 1 live rows leave 3, 0 and 2 rows
+    over, and the modules' widths full tiles and a narrower last one."""
     from serving.kernels.common import CORE_ZS_MIN_RANK, apply_cores, core_layout
 
-    g = torch.Generator().manual_seed(len(kind))
-    r, n = (4 if kind == "full-small" else 16), 9  # R = 12 (S @ z) or 48 (z @ Sᵀ)
-    outs = [40, 24, 24]  # a q|k|v-like group: three modules, each of rank r
+    g = torch.Generator().manual_seed(len(kind) + n)
+    r = 4 if kind == "full-small" else 16  # R = 12 (S @ z) or 48 (z @ Sᵀ)
+    outs = [136, 24, 72]  # a q|k|v-like group: three modules, each of rank r
     R, D = 3 * r, sum(outs)
     ut = torch.zeros(R, D)
     blocks, off = [], 0
@@ -240,8 +243,16 @@ def test_bank_expand_is_the_folded_banks_torch_math(dtype, kind):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=8e-3)
     torch.testing.assert_close(y.float(), want.to(dtype).float(), **tol)
     assert torch.equal(y[4], before[4]) and not torch.equal(y[3], before[3])
+    expand = cpu_kernels.BankExpand(cores[n - 1:], zs, ut, cpu_kernels.bank_blocks(blocks, R, D))
+    alone = before[n - 1:].clone()
+    expand(z[n - 1:], alone)
+    assert torch.equal(alone[0], y[n - 1])
     with pytest.raises(ValueError, match="outside"):
         cpu_kernels.bank_expand(z, cores, zs, ut, y, torch.tensor([[0, R + 1, 0, D]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="do not fit 1 rows"):
+        expand(z, y)  # the rows its cores were made for, not the batch's
+    with pytest.raises(ValueError, match="do not fit"):
+        expand(z[n - 1:], alone.float() if dtype == torch.bfloat16 else alone.bfloat16())
 
 
 HEAP_PROBE = """
