@@ -25,6 +25,9 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -69,6 +72,79 @@ inline float exp_neg(float x) {
 constexpr int MAX_HD = 256;
 constexpr int MAX_G = 16;
 
+#if defined(__AVX512F__)
+// The 16 sums of a[0..15] as one vector (lane i = the sum of a[i]'s lanes): a transposing tree of
+// 15 adds, where 16 separate horizontal sums take ~4x the instructions. Its order is fixed.
+inline __m512 sum16(const __m512* a) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; ++i)  // per 128-bit lane: a[2i]'s partial sums at 0, 2; a[2i+1]'s at 1, 3
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; ++i) {  // per 128-bit lane: a[4i + k]'s partial sum at k
+        const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; ++i)  // 128-bit lanes: c[2i]'s lanes 0+1, 2+3, then c[2i+1]'s
+        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
+// q k^T for 16 keys at a time: each key's row converted once, its G dot products as 16-lane partial
+// sums, then `sum16` per query head (keys past m are zero rows, their lanes not stored).
+template <typename T, int HD, int G>
+inline void scores16(const float (*qf)[MAX_HD], const T* kc, const int64_t* srow, int64_t m, int64_t slot_stride,
+                     int kh, float* sc) {
+    constexpr int NCH = HD / 16;
+    alignas(64) float kb[16][HD];
+    for (int64_t j0 = 0; j0 < m; j0 += 16) {
+        const int nj = static_cast<int>(m - j0 < 16 ? m - j0 : 16);
+        for (int jj = 0; jj < nj; ++jj) {
+            const T* kp = kc + srow[j0 + jj] * slot_stride + static_cast<int64_t>(kh) * HD;
+            for (int d = 0; d < HD; ++d) kb[jj][d] = to_f32(kp[d]);
+        }
+        for (int g = 0; g < G; ++g) {
+            __m512 qv[NCH], a[16];
+            for (int c = 0; c < NCH; ++c) qv[c] = _mm512_load_ps(qf[g] + 16 * c);
+            for (int jj = 0; jj < 16; ++jj) {
+                __m512 v = _mm512_setzero_ps();
+                if (jj < nj)
+                    for (int c = 0; c < NCH; ++c) v = _mm512_fmadd_ps(qv[c], _mm512_load_ps(kb[jj] + 16 * c), v);
+                a[jj] = v;
+            }
+            _mm512_mask_storeu_ps(sc + g * m + j0, static_cast<__mmask16>((1u << nj) - 1u), sum16(a));
+        }
+    }
+}
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // 16 bfloat16 -> float32: the bits shifted up, exact
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// sum_j p[g][j] v[j] with the G x HD/16 sums in registers for the whole key loop (the generic loop
+// keeps them in memory); per element the same fused multiply-adds in the same order.
+template <typename T, int HD, int G>
+inline void values16(const float* sc, int64_t m, const T* vc, const int64_t* srow, int64_t slot_stride, int kh,
+                     float (*acc)[MAX_HD]) {
+    constexpr int NCH = HD / 16;
+    __m512 a[G][NCH];
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < NCH; ++c) a[g][c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < m; ++j) {
+        const T* vp = vc + srow[j] * slot_stride + static_cast<int64_t>(kh) * HD;
+        __m512 v[NCH];
+        for (int c = 0; c < NCH; ++c) v[c] = load16(vp + 16 * c);
+        for (int g = 0; g < G; ++g) {
+            const __m512 p = _mm512_set1_ps(sc[g * m + j]);
+            for (int c = 0; c < NCH; ++c) a[g][c] = _mm512_fmadd_ps(p, v[c], a[g][c]);
+        }
+    }
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < NCH; ++c) _mm512_store_ps(acc[g] + 16 * c, a[g][c]);
+}
+#endif
+
 // One (sequence, key head) task. HD_ and G_ are the head size and query heads per key head when
 // known at compile time (0: read from hd, g): the common shapes get loops the compiler unrolls
 // into a few vector instructions per key.
@@ -84,6 +160,11 @@ inline void task(const T* q, const T* kc, const T* vc, const int64_t* srow, int6
         const T* qp = q + static_cast<int64_t>(kh * G + g) * hd;
         for (int d = 0; d < hd; ++d) qf[g][d] = to_f32(qp[d]) * scale;
     }
+#if defined(__AVX512F__)
+    if constexpr (HD_ > 0 && HD_ % 16 == 0 && G_ > 0) {
+        scores16<T, HD_, G_>(qf, kc, srow, m, slot_stride, kh, sc);
+    } else
+#endif
     for (int64_t j = 0; j < m; ++j) {
         const T* kp = kc + srow[j] * slot_stride + static_cast<int64_t>(kh) * hd;
         for (int d = 0; d < hd; ++d) row[d] = to_f32(kp[d]);
@@ -120,6 +201,11 @@ inline void task(const T* q, const T* kc, const T* vc, const int64_t* srow, int6
         inv[g] = 1.0f / part[0];
         for (int d = 0; d < hd; ++d) acc[g][d] = 0.0f;
     }
+#if defined(__AVX512F__)
+    if constexpr (HD_ > 0 && HD_ % 16 == 0 && G_ > 0 && G_ * (HD_ / 16) <= 24) {
+        values16<T, HD_, G_>(sc, m, vc, srow, slot_stride, kh, acc);
+    } else
+#endif
     for (int64_t j = 0; j < m; ++j) {
         const T* vp = vc + srow[j] * slot_stride + static_cast<int64_t>(kh) * hd;
         for (int d = 0; d < hd; ++d) row[d] = to_f32(vp[d]);
