@@ -103,7 +103,7 @@ class LoraBatch:
 
     def __call__(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor,
                  extra: torch.Tensor | None = None) -> None:
-        if self._folded_only and extra is not None:  # the common CPU decode step: one call, no other lookups
+        if self._folded_only and self.cpu_kernels and extra is not None:  # a CPU decode step: one lookup, one call
             expand = self._expand.get((layer, group))
             if expand is not None:
                 return expand(extra, y)
