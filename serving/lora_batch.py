@@ -61,6 +61,7 @@ class LoraBatch:
     def __init__(self, tensors: LoraTensors, dense_ids: list[int], clusters: list[int], cores: list[int]):
         t, dev = tensors, tensors.device
         self.tensors = t
+        self._ids = (dense_ids, clusters, cores)
         self.dense = None
         if any(i >= 0 for i in dense_ids):
             ids = torch.tensor(dense_ids, dtype=torch.long, device=dev)
@@ -100,6 +101,15 @@ class LoraBatch:
             for m in modules:
                 self._offsets[m] = (off, sizes[m])
                 off += sizes[m]
+
+    def rows(self, rows: torch.Tensor) -> LoraBatch | None:
+        """The routing of these rows of the batch, in their order (None when none carries an
+        adapter): the model's last layer past its keys and values runs on the rows it keeps."""
+        idx = rows.tolist()
+        ids = [[col[i] for i in idx] for col in self._ids]
+        if all(i < 0 for col in ids for i in col):
+            return None
+        return LoraBatch(self.tensors, *ids)
 
     def __call__(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor,
                  extra: torch.Tensor | None = None) -> None:

@@ -75,6 +75,12 @@ class ForwardBatch:
     slot_mapping: torch.Tensor
     """(N,) cache slot where each token's key/value is written"""
     groups: list[AttnGroup] = field(default_factory=list)
+    keep: torch.Tensor | None = None
+    """(M,) the rows whose hidden states the caller reads, None: all. The last layer then writes
+    every row's keys and values and computes the rest (attention, o, the MLP) for these only, and
+    `forward` returns (M, D): a prefill chunk's other tokens only feed the keys of the layers"""
+    keep_groups: list[AttnGroup] = field(default_factory=list)
+    """the last layer's attention of the kept rows (their rows of `keep`'s order)"""
 
 
 class KVCache:
@@ -168,20 +174,30 @@ class Transformer:
 
     @torch.no_grad()
     def forward(self, batch: ForwardBatch, cache: KVCache, lora: LoraHook | None = None) -> torch.Tensor:
-        """Hidden states after the final norm, (N, hidden); keys/values are written to `cache`."""
+        """Hidden states after the final norm, (N, hidden), or of the rows `batch.keep` names
+        (M, hidden); keys/values of every row are written to `cache`."""
         cos, sin = self._rope_tables(batch.positions)
+        last = len(self.layers) - 1
+        keep = None
+        if batch.keep is not None and (lora is None or hasattr(lora, "rows")):
+            keep = (batch.keep, lora.rows(batch.keep) if lora is not None else None)
 
-        def attend(layer, q, k, v):  # (N, H, hd), (N, Hkv, hd), (N, Hkv, hd)
+        def attend(layer, q, k, v):  # (N or M, H, hd), (N, Hkv, hd), (N, Hkv, hd)
             cache.k[layer].index_copy_(0, batch.slot_mapping, k)
             cache.v[layer].index_copy_(0, batch.slot_mapping, v)
-            return self._attention(layer, q, batch, cache)  # (N, H*hd)
+            groups = batch.keep_groups if keep is not None and layer == last else batch.groups
+            return self._attention(layer, q, groups, cache)  # (N or M, H*hd)
 
         h = self.embed.index_select(0, batch.tokens)
         if self.packed is not None:
             cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]  # (N, 1, hd)
-            return self._decoder_packed(h, cos, sin, attend, lora, self.packed)
-        cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]  # (N, 1, hd)
-        return self._decoder(h, cos, sin, attend, lora)  # (N, D)
+            h = self._decoder_packed(h, cos, sin, attend, lora, self.packed, keep)
+        else:
+            cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]  # (N, 1, hd)
+            h = self._decoder(h, cos, sin, attend, lora, keep)
+        if batch.keep is not None and keep is None:  # a hook that cannot narrow to rows: all were computed
+            h = h.index_select(0, batch.keep)
+        return h  # (N or M, D)
 
     def forward_train(self, tokens: torch.Tensor, lora: LoraHook | None = None) -> torch.Tensor:
         """Hidden states of right-padded sequences `tokens` (B, T) with full causal attention and no
@@ -246,19 +262,28 @@ class Transformer:
         return self._decoder(self.embed[suffix], cs, sn, attend, lora)  # (B, S, D)
 
     def _decoder(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
-                 lora: LoraHook | None) -> torch.Tensor:
+                 lora: LoraHook | None, keep: tuple[torch.Tensor, LoraHook | None] | None = None) -> torch.Tensor:
         """The decoder layers and the final norm over hidden states h (..., D), the one loop both
-        forwards share; `attend(layer, q, k, v)` -> (..., H*hd) is where they differ."""
+        forwards share; `attend(layer, q, k, v)` -> (..., H*hd) is where they differ. `keep`
+        (rows (M,), their hook): the last layer past its keys and values for those rows only."""
         c = self.config
-        if hasattr(lora, "cpu_kernels"):
-            lora.cpu_kernels = False  # the reference path: torch's ops
+        for hook in (lora, keep[1] if keep is not None else None):
+            if hasattr(hook, "cpu_kernels"):
+                hook.cpu_kernels = False  # the reference path: torch's ops
+        last = len(self.layers) - 1
         for i, lw in enumerate(self.layers):
             x = self._rms(h, lw.ln_attn)
             qkv = _adapted(lora, i, "qkv", x, lw.wqkv, lw.bqkv, lw.extra.get("qkv", 0))  # (..., q + 2kv)
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
             q = _rotate(q.unflatten(-1, (c.num_heads, c.head_dim)), cos, sin)  # (..., H, hd)
             k = _rotate(k.unflatten(-1, (c.num_kv_heads, c.head_dim)), cos, sin)  # (..., Hkv, hd)
+            if keep is not None and i == last:
+                q = q.index_select(0, keep[0])  # (M, H, hd)
             a = attend(i, q, k, v.unflatten(-1, (c.num_kv_heads, c.head_dim)))  # (..., H*hd)
+            if keep is not None and i == last:
+                if not keep[0].numel():
+                    return h[:0]
+                h, lora = h.index_select(0, keep[0]), keep[1]
             h = h + _adapted(lora, i, "o", a, lw.wo, lw.bo, lw.extra.get("o", 0))
             x = self._rms(h, lw.ln_mlp)
             gu = _adapted(lora, i, "gate_up", x, lw.w_gate_up, lw.b_gate_up, lw.extra.get("gate_up", 0))  # (..., 2I)
@@ -267,7 +292,8 @@ class Transformer:
         return self._rms(h, self.norm)
 
     def _decoder_packed(self, h: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, attend,
-                        lora: LoraHook | None, packed: PackedWeights) -> torch.Tensor:
+                        lora: LoraHook | None, packed: PackedWeights,
+                        keep: tuple[torch.Tensor, LoraHook | None] | None = None) -> torch.Tensor:
         """`_decoder`'s math on the packed path (inference only, no autograd through it): q and k
         rotated in one pass (`sin_signed` = [-sin, sin] folds rotate-half's negation), residual
         adds in the o / down GEMMs. A token's base outputs are the same bits whether or not an
@@ -275,8 +301,10 @@ class Transformer:
         rounds differently from torch's silu, so it is not fused)."""
         c = self.config
         nq, nqk = c.num_heads, c.num_heads + c.num_kv_heads
-        if hasattr(lora, "cpu_kernels"):  # a LoraBatch: its folded bank's work in one kernel a group
-            lora.cpu_kernels = packed.kernels
+        for hook in (lora, keep[1] if keep is not None else None):
+            if hasattr(hook, "cpu_kernels"):  # a LoraBatch: its folded bank's work in one kernel a group
+                hook.cpu_kernels = packed.kernels
+        last = len(self.layers) - 1
         for i, lw in enumerate(self.layers):
             x = self._rms_packed(h, lw.ln_attn)
             qkv = packed.linear(i, "qkv", x, lora)  # (N, q + 2kv)
@@ -284,7 +312,12 @@ class Transformer:
             x1, x2 = qk.chunk(2, dim=-1)
             qk = torch.addcmul(qk * cos, torch.cat([x2, x1], dim=-1), sin_signed)
             v = qkv[:, c.q_size + c.kv_size:].unflatten(-1, (c.num_kv_heads, c.head_dim))
-            a = attend(i, qk[:, :nq], qk[:, nq:], v)  # (N, H*hd)
+            q = qk[:, :nq] if keep is None or i != last else qk[:, :nq].index_select(0, keep[0])  # (N or M, H, hd)
+            a = attend(i, q, qk[:, nq:], v)  # (N or M, H*hd)
+            if keep is not None and i == last:
+                if not keep[0].numel():
+                    return h[:0]
+                h, lora = h.index_select(0, keep[0]), keep[1]
             h = packed.linear(i, "o", a, lora, residual=h)
             x = self._rms_packed(h, lw.ln_mlp)
             gu = packed.linear(i, "gate_up", x, lora)
@@ -305,11 +338,13 @@ class Transformer:
             return F.rms_norm(x, (x.shape[-1],), w, self.config.rms_norm_eps)
         return F.rms_norm(x.float(), (x.shape[-1],), None, self.config.rms_norm_eps).to(x.dtype) * w
 
-    def _attention(self, layer: int, q: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+    def _attention(self, layer: int, q: torch.Tensor, groups: list[AttnGroup], cache: KVCache) -> torch.Tensor:
         c = self.config
         window = c.sliding_windows[layer]
+        if not groups:  # no query (a step whose rows are all a prefill's middle)
+            return q.new_empty(q.shape[0], c.q_size)
         out = None
-        for g in batch.groups:
+        for g in groups:
             b, nq = g.q_rows.shape
             qg = q if g.covers_all else q.index_select(0, g.q_rows.view(-1))  # (B*Q, H, hd)
             if (nq <= PackedWeights.KERNEL_MAX_Q and g.lengths is not None and self.packed is not None

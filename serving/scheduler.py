@@ -31,6 +31,11 @@ Plan = list[tuple[Seq, int, int]]
 """(sequence, start, end): compute positions [start, end) of the sequence in this step"""
 
 
+
+KEEP_MIN_DROPPED = 16
+"""rows a step's logits do not read from which its last layer runs on the read rows only (below,
+narrowing costs more Python than it saves)"""
+
 class Scheduler:
     """Owns the open sequences (`seqs`, by id), the queue of those with a job (oldest first) and
     the blocks they hold; `step()` advances every queued job by one forward."""
@@ -227,17 +232,8 @@ class Scheduler:
         windows = set(self.model.config.sliding_windows)
         groups = []
         if decode:
-            lens = torch.tensor([end for _, _, _, end in decode], device=dev)  # (B,)
-            width = max(len(s.blocks) for s, *_ in decode)
-            table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s, *_ in decode], device=dev)
-            key_slots = (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(len(decode), -1)
-            key_slots = key_slots[:, : int(lens.max())].contiguous()  # (B, L)
-            kpos = torch.arange(key_slots.shape[1], device=dev)[None]  # (1, L)
-            qpos = (lens - 1)[:, None]  # (B, 1)
-            masks = {w: _mask(kpos, qpos, lens[:, None], w)[:, None, None, :] for w in windows}
-            q_rows = torch.tensor([r for _, r, _, _ in decode], device=dev)[:, None]
-            groups.append(AttnGroup(q_rows, key_slots, masks, covers_all=not prefill and len(decode) == row,
-                                     lengths=lens))
+            groups.append(self._single_queries([(s, end) for s, _, _, end in decode], [r for _, r, _, _ in decode],
+                                               covers_all=not prefill and len(decode) == row))
         # Prefill chunks of the same length attend together (padded keys, masked): many short chunks
         # (forks scoring a few tokens each over a shared prefix) would otherwise cost one attention
         # call per sequence and layer.
@@ -260,27 +256,55 @@ class Scheduler:
                              torch.tensor(slots, device=dev), groups)
         return batch, uids
 
+    def _single_queries(self, queries: list[tuple[Seq, int]], rows: list[int], covers_all: bool) -> AttnGroup:
+        """One attention group of single queries: (sequence, keys it attends) each, at `rows`."""
+        bs, dev = self.block_size, self.model.device
+        lens = torch.tensor([n for _, n in queries], device=dev)  # (B,)
+        width = max(len(s.blocks) for s, _ in queries)
+        table = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s, _ in queries], device=dev)
+        key_slots = (table[:, :, None] * bs + torch.arange(bs, device=dev)).view(len(queries), -1)
+        key_slots = key_slots[:, : int(lens.max())].contiguous()  # (B, L)
+        kpos = torch.arange(key_slots.shape[1], device=dev)[None]  # (1, L)
+        qpos = (lens - 1)[:, None]  # (B, 1)
+        masks = {w: _mask(kpos, qpos, lens[:, None], w)[:, None, None, :] for w in set(self.model.config.sliding_windows)}
+        return AttnGroup(torch.tensor(rows, device=dev)[:, None], key_slots, masks, covers_all=covers_all, lengths=lens)
+
+    def _keep(self, batch: ForwardBatch, rows: list[int], queries: list[tuple[Seq, int]]) -> None:
+        """Narrow the forward's last layer to the rows whose logits are read (`queries`: each one's
+        sequence and the keys it attends), when that drops at least `KEEP_MIN_DROPPED` rows: a
+        prefill's other tokens only feed the keys and values."""
+        if int(batch.tokens.shape[0]) - len(rows) < KEEP_MIN_DROPPED:
+            return
+        batch.keep = torch.tensor(rows, dtype=torch.long, device=self.model.device)
+        if rows:
+            batch.keep_groups = [self._single_queries(queries, list(range(len(rows))), covers_all=True)]
+
     # ----------------------------------------------------------------- execution
     def _execute(self, plan: Plan) -> list[Delta]:
         """Forward the plan, then commit it. Everything that can raise on one request's account (the
         forward, the logits, sampling) runs before any sequence changes, so a failed plan can be
         retried in parts; what runs after is per sequence."""
         batch, uids = self._build(plan)
-        hidden = self.model.forward(batch, self.cache, self.registry.batch(uids))
-        rows, owners = [], []
+        rows, owners, queries = [], [], []  # queries: the read rows' (sequence, keys attended)
         row = 0
         for s, start, end in plan:
             if isinstance(s.job, GenJob):
                 if end == len(s.tokens):
                     rows.append(row + end - start - 1)
                     owners.append((s, "gen", None))
+                    queries.append((s, end))
             else:
                 lo, hi = max(start, s.logits_from()), end  # after a preemption: not scored twice
                 if hi > lo:
                     rows.extend(range(row + lo - start, row + hi - start))
                     owners.append((s, "score", (lo, hi)))
+                    queries.extend((s, p + 1) for p in range(lo, hi))
             row += end - start
-        logits = self.model.logits(hidden[torch.tensor(rows, device=hidden.device)]) if rows else None
+        self._keep(batch, rows, queries)
+        hidden = self.model.forward(batch, self.cache, self.registry.batch(uids))
+        if batch.keep is None and rows:
+            hidden = hidden[torch.tensor(rows, device=hidden.device)]
+        logits = self.model.logits(hidden) if rows else None
         gen, scores = [], []
         at = 0
         for s, kind, span in owners:

@@ -41,8 +41,6 @@ class ServerLimits:
     max_running: int = 512
     """sequences in flight at once (each request counts prompts × n); more get 503 (retry later),
     and one request asking for more than this alone gets 400"""
-    disconnect_poll_s: float = 0.25
-    """how often a non-streaming request checks whether its client is still there"""
     body_timeout_s: float = 30.0
     """a request body must arrive within this (half-sent bodies get 408, not a held connection)"""
     max_json_depth: int = 64

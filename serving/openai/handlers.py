@@ -127,20 +127,20 @@ class Handlers:
                            type="server_error", code="overloaded")
 
     async def cancellable(self, request: Request, coro):
-        """Run `coro`; cancel it (closing its sequences) if the client goes away first."""
+        """Run `coro`; cancel it (closing its sequences) as soon as the client goes away first."""
         task = asyncio.ensure_future(coro)
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self.limits.disconnect_poll_s)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    self.metrics.cancelled += 1
-                    task.cancel()
-                    raise APIError(499, "client disconnected", code="client_closed")
+            done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if task in done:
+                return task.result()
+            self.metrics.cancelled += 1
+            task.cancel()
+            raise APIError(499, "client disconnected", code="client_closed")
         finally:
-            if not task.done():
-                task.cancel()
+            for t in (task, gone):
+                if not t.done():
+                    t.cancel()
 
     async def tracked(self, coro, seqs: int):
         self.metrics.started(seqs)
@@ -402,3 +402,11 @@ def _version() -> str:
         return importlib.metadata.version("kilolora")
     except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
         return "unknown"
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client has gone. Once the body is read, the ASGI server's `receive()` waits
+    until the connection closes and then answers `http.disconnect`: no polling, so a request is
+    cancelled the moment its client leaves, not at the next poll."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -82,7 +82,7 @@ def test_a_client_that_gives_up_is_cancelled(server, http, engine, tok):
     body = {"model": "base", "messages": [{"role": "user", "content": PROBLEM}], "max_tokens": max_tokens,
             "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+        httpx.post(server + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.1))
     after = settled(http)
     assert after["kilolora_requests_cancelled"] == before["kilolora_requests_cancelled"] + 1
     assert after["kilolora_open_sequences"] == after["kilolora_requests_running"] == 0
