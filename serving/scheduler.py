@@ -30,11 +30,10 @@ from .structured import mask_logits
 Plan = list[tuple[Seq, int, int]]
 """(sequence, start, end): compute positions [start, end) of the sequence in this step"""
 
-
-
 KEEP_MIN_DROPPED = 16
 """rows a step's logits do not read from which its last layer runs on the read rows only (below,
 narrowing costs more Python than it saves)"""
+
 
 class Scheduler:
     """Owns the open sequences (`seqs`, by id), the queue of those with a job (oldest first) and

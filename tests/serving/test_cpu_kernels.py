@@ -209,6 +209,28 @@ def test_rms_norm_and_silu_mul_refuse_what_they_cannot_read():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bank_expand_rounds_as_torch_and_keeps_nan_and_inf(dtype):
+    """y's update rounds once to y's dtype as torch's `y.float() + d` then `.to(dtype)` does, in
+    the full 64-column tiles and in a block's narrower tail (d exactly representable, so the sums
+    are exact and any difference is the rounding); NaN stays NaN and an infinity stays itself."""
+    n, R, D = 5, 4, 64 + 24
+    ut = torch.zeros(R, D)
+    ut[0] = 2.0 ** -9  # h = z: each entry adds z_0 / 512
+    cores = torch.zeros(n, R)
+    cores[:, 0] = 1.0
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(n, D, generator=g).to(dtype)
+    y[1, 3], y[1, 70], y[2, 5], y[2, 80] = float("nan"), float("nan"), float("inf"), -float("inf")
+    z = torch.zeros(n, R, dtype=dtype)
+    z[:, 0] = torch.tensor([1.0, 3.0, -5.0, 0.75, 7.0])
+    want = (y.float() + z.float()[:, :1] * 2.0 ** -9).to(dtype)  # the exact sums, rounded once
+    assert (torch.nan_to_num(want) != torch.nan_to_num(y)).sum() > D // 2
+    cpu_kernels.bank_expand(z, cores, False, ut, y, cpu_kernels.bank_blocks(None, R, D))
+    assert torch.equal(y.isnan(), want.isnan()) and y.isnan().sum() == 2
+    assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["full-small", "full-zs", "diag"])
 @pytest.mark.parametrize("n", [8, 9, 23])
 def test_bank_expand_is_the_folded_banks_torch_math(dtype, kind, n):
