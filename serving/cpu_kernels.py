@@ -34,7 +34,9 @@ log = logging.getLogger("kilolora.kernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC"]
-_ABI = 6
+"""the compiler's flags; `KILOLORA_CPU_MARCH` replaces `native` (e.g. `haswell`: the AVX2 code paths
+on an AVX-512 machine, as a laptop runs them)"""
+_ABI = 7
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -64,10 +66,18 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
+def _flags() -> list[str]:
+    march = os.environ.get("KILOLORA_CPU_MARCH", "native")
+    if not march.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise RuntimeError(f"KILOLORA_CPU_MARCH={march!r} is not a -march value")
+    return [f"-march={march}" if f == "-march=native" else f for f in FLAGS]
+
+
 def _build(cxx: str) -> Path:
     src = SOURCE.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(), _cpu_id().encode()])).hexdigest()
+    flags = _flags()
+    key = hashlib.sha256(b"\0".join([src, " ".join(flags).encode(), version.encode(), _cpu_id().encode()])).hexdigest()
     out = cache_dir() / f"cpu_kernels-{key[:16]}.so"
     if out.exists():
         return out
@@ -83,7 +93,7 @@ def _build(cxx: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        r = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {r.stderr.strip()[-2000:]}")
         os.replace(tmp, out)  # atomic: a concurrent build of the same key writes the same bytes
@@ -135,6 +145,13 @@ def _load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the kernels are built and loaded (builds them on the first call)."""
     return _load() is not None
+
+
+def vector_lanes() -> int | None:
+    """float32 lanes of the kernels' vectors as built: 16 (AVX-512), 8 (AVX2 or narrower; the
+    compiler splits the vectors), None when the kernels are unavailable."""
+    lib = _load()
+    return None if lib is None else int(lib.kl_vector_lanes())
 
 
 # ----------------------------------------------------------------------------- the heap

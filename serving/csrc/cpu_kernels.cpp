@@ -544,6 +544,7 @@ void kl_bank_expand_bf16(const uint16_t* z, int64_t z_row, const float* cores, i
     bank_expand(z, z_row, cores, diag, zs, ut, y, y_row, N, R, D, blocks, nb, threads);
 }
 
-int kl_abi_version() { return 6; }
+int kl_abi_version() { return 7; }
+int kl_vector_lanes() { return VL; }
 
 }

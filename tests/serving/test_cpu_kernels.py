@@ -151,6 +151,29 @@ def test_it_builds_into_its_cache_and_can_be_switched_off(tmp_path):
     assert "decode attention uses SDPA" in r.stderr
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        return set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.skipif(os.environ.get("KILOLORA_CPU_MARCH") is not None, reason="this run is the other build")
+@pytest.mark.skipif("avx512f" not in _cpu_flags() or "avx2" not in _cpu_flags(),
+                    reason="needs an AVX-512 CPU, whose native build skips the AVX2 code")
+def test_the_avx2_build_passes_these_tests_too(tmp_path):
+    """A laptop's kernels (AVX2: 8-lane vectors, the generic decode attention, 16-column expand
+    tiles): this file's tests again in a subprocess on a `-march=haswell` build of its own."""
+    env = {"KILOLORA_CACHE_DIR": str(tmp_path), "KILOLORA_CPU_MARCH": "haswell"}
+    r = _python("from serving import cpu_kernels as k; print(k.vector_lanes())", env)
+    assert r.returncode == 0 and r.stdout.split() == ["8"], r.stdout + r.stderr
+    assert cpu_kernels.vector_lanes() == 16  # this process: the native AVX-512 build
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__], capture_output=True,
+                       text=True, timeout=600, cwd=ROOT, env={**os.environ, **env})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " failed" not in r.stdout
+
+
 def test_without_the_kernel_the_engine_keeps_sdpa(tmp_path, monkeypatch):
     from tests.helpers import make_tiny_model
 
