@@ -268,14 +268,16 @@ class Scheduler:
         masks = {w: _mask(kpos, qpos, lens[:, None], w)[:, None, None, :] for w in set(self.model.config.sliding_windows)}
         return AttnGroup(torch.tensor(rows, device=dev)[:, None], key_slots, masks, covers_all=covers_all, lengths=lens)
 
-    def _keep(self, batch: ForwardBatch, rows: list[int], queries: list[tuple[Seq, int]]) -> None:
-        """Narrow the forward's last layer to the rows whose logits are read (`queries`: each one's
-        sequence and the keys it attends), when that drops at least `KEEP_MIN_DROPPED` rows: a
-        prefill's other tokens only feed the keys and values."""
+    def _keep(self, batch: ForwardBatch, rows: list[int], owners: list[tuple[Seq, str, tuple[int, int] | None]]) -> None:
+        """Narrow the forward's last layer to the rows whose logits are read (`owners`, as `_execute`
+        lists them), when that drops at least `KEEP_MIN_DROPPED` rows: a prefill's other tokens only
+        feed the keys and values."""
         if int(batch.tokens.shape[0]) - len(rows) < KEEP_MIN_DROPPED:
             return
         batch.keep = torch.tensor(rows, dtype=torch.long, device=self.model.device)
-        if rows:
+        if rows:  # each read row's sequence and the keys it attends: a generated one all, a scored one up to itself
+            queries = [q for s, kind, span in owners
+                       for q in ([(s, len(s.tokens))] if kind == "gen" else [(s, p + 1) for p in range(*span)])]
             batch.keep_groups = [self._single_queries(queries, list(range(len(rows))), covers_all=True)]
 
     # ----------------------------------------------------------------- execution
@@ -284,22 +286,20 @@ class Scheduler:
         forward, the logits, sampling) runs before any sequence changes, so a failed plan can be
         retried in parts; what runs after is per sequence."""
         batch, uids = self._build(plan)
-        rows, owners, queries = [], [], []  # queries: the read rows' (sequence, keys attended)
+        rows, owners = [], []
         row = 0
         for s, start, end in plan:
             if isinstance(s.job, GenJob):
                 if end == len(s.tokens):
                     rows.append(row + end - start - 1)
                     owners.append((s, "gen", None))
-                    queries.append((s, end))
             else:
                 lo, hi = max(start, s.logits_from()), end  # after a preemption: not scored twice
                 if hi > lo:
                     rows.extend(range(row + lo - start, row + hi - start))
                     owners.append((s, "score", (lo, hi)))
-                    queries.extend((s, p + 1) for p in range(lo, hi))
             row += end - start
-        self._keep(batch, rows, queries)
+        self._keep(batch, rows, owners)
         hidden = self.model.forward(batch, self.cache, self.registry.batch(uids))
         if batch.keep is None and rows:
             hidden = hidden[torch.tensor(rows, device=hidden.device)]

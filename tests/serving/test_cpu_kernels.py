@@ -151,15 +151,8 @@ def test_it_builds_into_its_cache_and_can_be_switched_off(tmp_path):
     assert "decode attention uses SDPA" in r.stderr
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        return set(next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return set()
-
-
 @pytest.mark.skipif(os.environ.get("KILOLORA_CPU_MARCH") is not None, reason="this run is the other build")
-@pytest.mark.skipif("avx512f" not in _cpu_flags() or "avx2" not in _cpu_flags(),
+@pytest.mark.skipif(not {"avx512f", "avx2"} <= set(cpu_kernels._cpu_id().split()),
                     reason="needs an AVX-512 CPU, whose native build skips the AVX2 code")
 def test_the_avx2_build_passes_these_tests_too(tmp_path):
     """A laptop's kernels (AVX2: 8-lane vectors, the generic decode attention, 16-column expand
