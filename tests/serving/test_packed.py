@@ -181,6 +181,57 @@ def test_repacking_after_extra_outputs_keeps_the_model(tmp_path):
     torch.testing.assert_close(model.forward(batch, cache), before, atol=0, rtol=0)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extra_outputs_on_every_group_keep_the_model_and_hand_each_hook_its_own(tmp_path, dtype):
+    """Extra rows on every group of every layer (a folded bank's layout): gate|up's pack is padded
+    to a multiple of `PAD_TO` columns (its base width, 128, is one), o and down sum the residual in
+    their GEMMs through an [h | 0] operand that the previous o / down output is, its extra columns
+    zeroed after the hook read them. The model's outputs stay (float32: to GEMM rounding; bfloat16:
+    the same bits, the residual added in the GEMM as without extra rows), and every hook gets
+    exactly x W_extra^T: columns left unzeroed would add the last group's extra outputs to the
+    next one's."""
+    from serving.model import AttnGroup, ForwardBatch, KVCache
+
+    make_tiny_model(tmp_path, seed=6)
+    model = load_model(tmp_path, dtype=dtype)
+    model.use_packed(True)
+    n = ROWS
+    batch = ForwardBatch(torch.arange(3, 3 + n), torch.zeros(n, dtype=torch.long), torch.arange(n),
+                         [AttnGroup(torch.arange(n)[:, None], torch.arange(n)[:, None],
+                                    {None: torch.ones(n, 1, 1, 1, dtype=torch.bool)}, True)])
+    cache = KVCache(model.config, 8, 4, model.dtype, model.device)
+    before = model.forward(batch, cache)
+    g = torch.Generator().manual_seed(1)
+    extra = {}
+    for layer in range(len(model.layers)):
+        for group in FUSED_GROUPS:
+            d_in = getattr(model.layers[layer], {"qkv": "wqkv", "o": "wo", "gate_up": "w_gate_up",
+                                                 "down": "w_down"}[group]).shape[1]
+            extra[(layer, group)] = w = torch.randn(3, d_in, generator=g).to(dtype)
+            model.add_extra_outputs(layer, group, w)
+    packed = model.packed
+    wp, _, w, out, _ = packed._groups[(0, "gate_up")]
+    assert out == 2 * model.config.intermediate_size and wp.size(0) == 256 and w.shape[0] == out + 3
+    assert packed._groups[(0, "o")][0].size(0) == model.config.hidden_size + 3  # 32 + 3: no pad
+    seen = []
+
+    def hook(layer, group, x, y, e):
+        assert e.shape == (n, 3)
+        if group == "gate_up":
+            assert y.shape[1] == out
+        ref = (x.float() @ extra[(layer, group)].float().T).to(dtype)
+        torch.testing.assert_close(e, ref, atol=1e-5 if dtype == torch.float32 else 0.05, rtol=0.02)
+        seen.append((layer, group))
+
+    after = model.forward(batch, cache, hook)
+    assert len(seen) == 4 * len(model.layers)
+    if dtype == torch.float32:
+        torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-5)
+    else:
+        assert torch.equal(after, before)
+
+
 @pytest.mark.parametrize("vocab", [49152, 5000, 1024, 700])
 def test_argmax_is_torchs_first_maximum(vocab):
     g = torch.Generator().manual_seed(vocab)
