@@ -304,6 +304,9 @@ def bank_expand(z: torch.Tensor, cores: torch.Tensor, zs: bool, ut: torch.Tensor
     BankExpand(cores, zs, ut, blocks)(z, y)
 
 
+_EXPAND_DTYPES = (torch.float32, torch.bfloat16)
+
+
 class BankExpand:
     """`bank_expand` with the operands a batch keeps (cores, Uᵀ, blocks) checked once: a folded
     group calls it every decode step with only z and y new, and the checks and conversions of the
@@ -331,8 +334,9 @@ class BankExpand:
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor) -> None:
         n = self.rows
-        if (z.shape != (n, self.r) or y.shape != (n, self.d) or z.dtype != y.dtype or y.stride(1) != 1
-                or y.dtype not in (torch.float32, torch.bfloat16) or z.device.type != "cpu" or y.device.type != "cpu"):
+        # the checks in their cheapest forms (~0.4 us: this runs 120 times a SmolLM2 decode step)
+        if (z.shape != (n, self.r) or y.shape != (n, self.d) or z.dtype != y.dtype or not (z.is_cpu and y.is_cpu)
+                or y.stride(1) != 1 or y.dtype not in _EXPAND_DTYPES):
             raise ValueError(f"bank_expand: z {tuple(z.shape)} {z.dtype}, y {tuple(y.shape)} {y.dtype} (rows must "
                              f"be contiguous) do not fit {n} rows of R = {self.r}, D = {self.d}")
         if n == 0:
