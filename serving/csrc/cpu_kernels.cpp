@@ -419,7 +419,9 @@ void expand_rows(const float* H, int R, const int64_t* rows, int64_t M, const fl
 // Row n's core lines that h = S_n z reads (the diagonal blocks only), into the cache ahead of use:
 // the gathered cores are cold by the time a layer runs, and their strided lines defeat the
 // hardware's prefetchers (a batch-64 qkv group's cores took 29 us to read, 6 us when warm).
-inline void prefetch_core(const float* cores, int diag, int R, int64_t n, const int32_t* blocks, int nb) {
+// always_inline: GCC drops a call to a helper whose only effect is prefetches (it finds it pure,
+// the result unused), and with it every prefetch here
+__attribute__((always_inline)) inline void prefetch_core(const float* cores, int diag, int R, int64_t n, const int32_t* blocks, int nb) {
     if (diag) {
         for (int r = 0; r < R; r += 16) __builtin_prefetch(cores + n * R + r);
         return;
