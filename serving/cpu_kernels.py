@@ -1,5 +1,5 @@
-"""CPU kernels the packed path calls (`csrc/cpu_kernels.cpp`): paged decode attention, RMSNorm and
-SwiGLU's silu(gate) * up.
+"""CPU kernels the packed path calls (`csrc/cpu_kernels.cpp`): paged decode attention, RMSNorm,
+SwiGLU's silu(gate) * up, RoPE with the KV-cache write, and a folded bank's expand.
 
 Decode attention over a paged KV cache, done with SDPA, first gathers every sequence's keys and
 values into a (B, Hkv, L, hd) batch and then reads them again: on SmolLM2-135M at batch 64 the
@@ -36,7 +36,7 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-fopenmp", "-shared", "-fPIC"]
 """the compiler's flags; `KILOLORA_CPU_MARCH` replaces `native` (e.g. `haswell`: the AVX2 code paths
 on an AVX-512 machine, as a laptop runs them)"""
-_ABI = 7
+_ABI = 8
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -130,6 +130,9 @@ def _load() -> ctypes.CDLL | None:
                 for fn in (lib.kl_silu_mul_f32, lib.kl_silu_mul_bf16):
                     fn.argtypes = [ptr, i64, ptr, i64, i32, i32]
                     fn.restype = None
+                for fn in (lib.kl_rope_kv_f32, lib.kl_rope_kv_bf16):
+                    fn.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64, i32, i32, i32, i64, i32]
+                    fn.restype = i32
                 for fn in (lib.kl_bank_expand_f32, lib.kl_bank_expand_bf16):
                     fn.argtypes = [ptr, i64, ptr, i32, i32, ptr, ptr, i64, i64, i32, i32, ptr, i32, i32]
                     fn.restype = None
@@ -285,6 +288,40 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     fn = lib.kl_silu_mul_f32 if gate_up.dtype == torch.float32 else lib.kl_silu_mul_bf16
     fn(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), n, two_i // 2, _threads(n * two_i))
     return out
+
+
+def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, num_heads: int, num_kv_heads: int,
+            k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """RoPE on q and k of a fused q|k|v output, k and v written to the cache: returns q (N, H, hd).
+
+    qkv (N, (H + 2 Hkv) hd), rows may be strided; cos, sin_signed (N, hd) in qkv's dtype, the
+    rotate-half tables ([cos, cos] and [-sin, sin]); k_cache, v_cache (S, Hkv, hd) contiguous;
+    slots (N,) int64, each row's cache slot. As `torch.addcmul(qk * cos, cat([x2, x1]), sin_signed)`
+    on q|k and `index_copy_` of k and v, rounded as those ops round."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernels are unavailable: {why_unavailable}")
+    qkv = _rows(qkv, "qkv")
+    n, width = qkv.shape
+    s, hkv, hd = k_cache.shape
+    if (hkv != num_kv_heads or hd % 2 or width != (num_heads + 2 * hkv) * hd or v_cache.shape != k_cache.shape
+            or cos.shape != (n, hd) or sin_signed.shape != (n, hd) or slots.shape != (n,)):
+        raise ValueError(f"rope_kv: qkv {tuple(qkv.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin_signed.shape)}, "
+                         f"caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)}, slots {tuple(slots.shape)} do not "
+                         f"fit {num_heads} + {num_kv_heads} heads")
+    if not (cos.dtype == sin_signed.dtype == k_cache.dtype == v_cache.dtype == qkv.dtype):
+        raise TypeError(f"rope_kv: qkv, cos, sin and the caches must share one dtype, got {qkv.dtype}, {cos.dtype}, "
+                        f"{sin_signed.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.is_cpu and v_cache.is_cpu):
+        raise ValueError("rope_kv: the caches must be contiguous CPU tensors")
+    cos, sin_signed = cos.contiguous(), sin_signed.contiguous()
+    slots = slots.to(torch.int64).contiguous()
+    q = qkv.new_empty(n, num_heads, hd)
+    fn = lib.kl_rope_kv_f32 if qkv.dtype == torch.float32 else lib.kl_rope_kv_bf16
+    if fn(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin_signed.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
+          v_cache.data_ptr(), slots.data_ptr(), n, num_heads, hkv, hd, s, _threads(n * width)):
+        raise ValueError(f"rope_kv: slots must be in 0..{s - 1}")
+    return q
 
 
 def bank_blocks(blocks, r: int, d_out: int) -> torch.Tensor:

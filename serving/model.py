@@ -182,16 +182,23 @@ class Transformer:
         if batch.keep is not None and (lora is None or hasattr(lora, "rows")):
             keep = (batch.keep, lora.rows(batch.keep) if lora is not None else None)
 
-        def attend(layer, q, k, v):  # (N or M, H, hd), (N, Hkv, hd), (N, Hkv, hd)
-            cache.k[layer].index_copy_(0, batch.slot_mapping, k)
-            cache.v[layer].index_copy_(0, batch.slot_mapping, v)
+        def attend(layer, q, k, v):  # (N or M, H, hd), (N, Hkv, hd), (N, Hkv, hd); k, v None: written
+            if k is not None:
+                cache.k[layer].index_copy_(0, batch.slot_mapping, k)
+                cache.v[layer].index_copy_(0, batch.slot_mapping, v)
             groups = batch.keep_groups if keep is not None and layer == last else batch.groups
             return self._attention(layer, q, groups, cache)  # (N or M, H*hd)
 
         h = self.embed.index_select(0, batch.tokens)
         if self.packed is not None:
             cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([-sin, sin], -1)[:, None]  # (N, 1, hd)
-            h = self._decoder_packed(h, cos, sin, attend, lora, self.packed, keep)
+            c, cos2, sin2 = self.config, cos[:, 0], sin[:, 0]  # (N, hd)
+
+            def rope_kv(layer, qkv):  # q rotated (N, H, hd); k rotated and v into the cache
+                return cpu_kernels.rope_kv(qkv, cos2, sin2, c.num_heads, c.num_kv_heads, cache.k[layer],
+                                           cache.v[layer], batch.slot_mapping)
+            h = self._decoder_packed(h, cos, sin, attend, lora, self.packed, keep,
+                                     rope_kv if self.packed.kernels else None)
         else:
             cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]  # (N, 1, hd)
             h = self._decoder(h, cos, sin, attend, lora, keep)
@@ -293,9 +300,10 @@ class Transformer:
 
     def _decoder_packed(self, h: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, attend,
                         lora: LoraHook | None, packed: PackedWeights,
-                        keep: tuple[torch.Tensor, LoraHook | None] | None = None) -> torch.Tensor:
+                        keep: tuple[torch.Tensor, LoraHook | None] | None = None, rope_kv=None) -> torch.Tensor:
         """`_decoder`'s math on the packed path (inference only, no autograd through it): q and k
-        rotated in one pass (`sin_signed` = [-sin, sin] folds rotate-half's negation), residual
+        rotated in one pass (`sin_signed` = [-sin, sin] folds rotate-half's negation; `rope_kv(layer,
+        qkv)` -> q, where given, rotates them and writes k and v to the cache in one kernel), residual
         adds in the o / down GEMMs. A token's base outputs are the same bits whether or not an
         adapter is in its batch (SwiGLU as gate / up's post-ops would not be: oneDNN's swish
         rounds differently from torch's silu, so it is not fused)."""
@@ -308,12 +316,17 @@ class Transformer:
         for i, lw in enumerate(self.layers):
             x = self._rms_packed(h, lw.ln_attn)
             qkv = packed.linear(i, "qkv", x, lora)  # (N, q + 2kv)
-            qk = qkv[:, :c.q_size + c.kv_size].unflatten(-1, (nqk, c.head_dim))  # (N, H + Hkv, hd) view
-            x1, x2 = qk.chunk(2, dim=-1)
-            qk = torch.addcmul(qk * cos, torch.cat([x2, x1], dim=-1), sin_signed)
-            v = qkv[:, c.q_size + c.kv_size:].unflatten(-1, (c.num_kv_heads, c.head_dim))
-            q = qk[:, :nq] if keep is None or i != last else qk[:, :nq].index_select(0, keep[0])  # (N or M, H, hd)
-            a = attend(i, q, qk[:, nq:], v)  # (N or M, H*hd)
+            if rope_kv is not None:
+                q, k, v = rope_kv(i, qkv), None, None  # (N, H, hd); k, v in the cache
+            else:
+                qk = qkv[:, :c.q_size + c.kv_size].unflatten(-1, (nqk, c.head_dim))  # (N, H + Hkv, hd) view
+                x1, x2 = qk.chunk(2, dim=-1)
+                qk = torch.addcmul(qk * cos, torch.cat([x2, x1], dim=-1), sin_signed)
+                q, k = qk[:, :nq], qk[:, nq:]
+                v = qkv[:, c.q_size + c.kv_size:].unflatten(-1, (c.num_kv_heads, c.head_dim))
+            if keep is not None and i == last:
+                q = q.index_select(0, keep[0])  # (M, H, hd)
+            a = attend(i, q, k, v)  # (N or M, H*hd)
             if keep is not None and i == last:
                 if not keep[0].numel():
                     return h[:0]

@@ -225,6 +225,57 @@ def test_rms_norm_and_silu_mul_refuse_what_they_cannot_read():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,h,hkv,hd", [(1, 9, 3, 64), (16, 9, 3, 64), (70, 4, 2, 32), (5, 2, 1, 6)])
+def test_rope_kv_is_the_torch_ops_it_replaces(dtype, n, h, hkv, hd):
+    """q and k rotated and k, v written to their slots: torch's qk * cos, addcmul with the rotated
+    halves and index_copy_ (the packed path's ops before it), bit for bit in bfloat16, to float32
+    rounding in float32; rows may be strided (a GEMM output with extra columns), other slots stay."""
+    g = torch.Generator().manual_seed(n * 7 + hd)
+    width = (h + 2 * hkv) * hd
+    qkv = (torch.randn(n, width + 5, generator=g) * 4).to(dtype)[:, :width]  # strided rows
+    ang = torch.rand(n, hd // 2, generator=g) * 50
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(dtype)
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).to(dtype)
+    S = 3 * n + 4
+    slots = torch.randperm(S, generator=g)[:n]
+    kc, vc = torch.randn(S, hkv, hd, generator=g).to(dtype), torch.randn(S, hkv, hd, generator=g).to(dtype)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    qk = qkv[:, :(h + hkv) * hd].unflatten(-1, (h + hkv, hd))
+    x1, x2 = qk.chunk(2, dim=-1)
+    rot = torch.addcmul(qk * cos[:, None], torch.cat([x2, x1], dim=-1), sin[:, None])
+    k_ref.index_copy_(0, slots, rot[:, h:])
+    v_ref.index_copy_(0, slots, qkv[:, (h + hkv) * hd:].unflatten(-1, (hkv, hd)))
+    q = cpu_kernels.rope_kv(qkv, cos, sin, h, hkv, kc, vc, slots)
+    assert q.shape == (n, h, hd)
+    if dtype == torch.bfloat16:
+        assert torch.equal(q, rot[:, :h]) and torch.equal(kc, k_ref) and torch.equal(vc, v_ref)
+    else:
+        torch.testing.assert_close(q, rot[:, :h], atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(kc, k_ref, atol=1e-5, rtol=1e-6)
+        assert torch.equal(vc, v_ref)
+    # against the float64 math: the rotation itself, not only the same ops
+    xd = qkv[:, :(h + hkv) * hd].double().unflatten(-1, (h + hkv, hd))
+    a, b = xd[..., :hd // 2], xd[..., hd // 2:]
+    c, s = ang.double().cos()[:, None], ang.double().sin()[:, None]
+    exact = torch.cat([a * c - b * s, b * c + a * s], -1)
+    tol = 0.15 if dtype == torch.bfloat16 else 1e-4
+    assert (q.double() - exact[:, :h]).abs().max() < tol * (1 + exact.abs().max())
+
+
+def test_rope_kv_refuses_what_it_cannot_write():
+    qkv = torch.randn(2, (4 + 2 * 2) * 8)
+    cos = sin = torch.ones(2, 8)
+    kc, vc = torch.zeros(6, 2, 8), torch.zeros(6, 2, 8)
+    with pytest.raises(ValueError, match="slots must be in 0..5"):
+        cpu_kernels.rope_kv(qkv, cos, sin, 4, 2, kc, vc, torch.tensor([1, 6]))
+    assert not kc[0].any() and not kc[2:].any() and not vc[2:].any()  # only the good row's slot 1 written
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernels.rope_kv(qkv, cos, sin, 4, 1, kc, vc, torch.tensor([1, 2]))
+    with pytest.raises(TypeError, match="share one dtype"):
+        cpu_kernels.rope_kv(qkv, cos.bfloat16(), sin, 4, 2, kc, vc, torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bank_expand_rounds_as_torch_and_keeps_nan_and_inf(dtype):
     """y's update rounds once to y's dtype as torch's `y.float() + d` then `.to(dtype)` does, in
     the full 64-column tiles and in a block's narrower tail (d exactly representable, so the sums
