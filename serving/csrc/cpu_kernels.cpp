@@ -25,6 +25,10 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
+#include <array>
+#include <utility>
+
+#include <omp.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -125,6 +129,10 @@ inline void scores16(const float (*qf)[MAX_HD], const T* kc, const int64_t* srow
 }
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16_masked(const uint16_t* p, __mmask16 k) {  // lanes past k read as zero
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
 inline __m512 load16(const uint16_t* p) {  // 16 bfloat16 -> float32: the bits shifted up, exact
     const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
@@ -735,6 +743,79 @@ void bank_expand(const T* z, int64_t z_row, const float* cores, int diag, int zs
     }
 }
 
+
+#if defined(__AVX512BF16__)
+// A bfloat16 GEMM for decode's few rows: y (M, N) = x (M, K) W^T (+ bias) (+ residual), rounded to
+// bfloat16 once from the float32 sums. W is packed ahead (`pack_bf16`) for AVX512-BF16's dot
+// product of bf16 pairs: block b of 16 output columns, pair p of inputs as 16 x (W[n][2p],
+// W[n][2p+1]), 64 bytes, so one load feeds up to 16 rows' `vdpbf16ps`. Each output's sum runs over
+// k in the same order whatever M or the thread (a row's bits do not depend on its batch).
+constexpr int GEMM_MR = 16;
+
+void pack_bf16(const uint16_t* w, int64_t N, int64_t K, uint16_t* out) {
+    const int64_t KP = K / 2, NB = (N + 15) / 16;
+    for (int64_t nb = 0; nb < NB; ++nb)
+        for (int64_t p = 0; p < KP; ++p)
+            for (int i = 0; i < 16; ++i) {
+                const int64_t n = nb * 16 + i;
+                uint16_t* o = out + ((nb * KP + p) * 16 + i) * 2;
+                o[0] = n < N ? w[n * K + 2 * p] : 0;
+                o[1] = n < N ? w[n * K + 2 * p + 1] : 0;
+            }
+}
+
+template <int MR>
+inline void gemm_tile(const uint16_t* x, int64_t x_row, const uint16_t* wb, const uint16_t* wnext, int64_t KP,
+                      const uint16_t* bias, const uint16_t* res, int64_t r_row, uint16_t* y, int64_t y_row, int nc) {
+    __m512 acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < KP; ++p) {
+        if (wnext != nullptr) __builtin_prefetch(wnext + p * 32);
+        const __m512bh w = (__m512bh)_mm512_loadu_si512(wb + p * 32);
+        for (int m = 0; m < MR; ++m) {
+            int32_t pair;
+            std::memcpy(&pair, x + m * x_row + 2 * p, 4);
+            acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)_mm512_set1_epi32(pair), w);
+        }
+    }
+    const __mmask16 mask = static_cast<__mmask16>((1u << nc) - 1u);
+    const __m512 b = bias ? load16_masked(bias, mask) : _mm512_setzero_ps();
+    for (int m = 0; m < MR; ++m) {
+        __m512 v = _mm512_add_ps(acc[m], b);
+        if (res) v = _mm512_add_ps(v, load16_masked(res + m * r_row, mask));
+        const __m512i r = _mm512_srli_epi32(_mm512_castps_si512(round16(v)), 16);
+        _mm256_mask_storeu_epi16(y + m * y_row, mask, _mm512_cvtepi32_epi16(r));
+    }
+}
+
+using GemmTile = void (*)(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*,
+                          const uint16_t*, int64_t, uint16_t*, int64_t, int);
+template <int... I>
+constexpr std::array<GemmTile, sizeof...(I)> gemm_tiles(std::integer_sequence<int, I...>) {
+    return {gemm_tile<I + 1>...};
+}
+
+void gemm_bf16(const uint16_t* x, int64_t x_row, const uint16_t* wp, int64_t N, int64_t K, const uint16_t* bias,
+               const uint16_t* res, int64_t r_row, uint16_t* y, int64_t y_row, int64_t M, int threads) {
+    static constexpr auto tiles = gemm_tiles(std::make_integer_sequence<int, GEMM_MR>{});
+    const int64_t KP = K / 2, NB = (N + 15) / 16;
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int64_t b0 = NB * tid / nt, b1 = NB * (tid + 1) / nt;  // this thread's column blocks
+        for (int64_t nb = b0; nb < b1; ++nb) {
+            const uint16_t* wb = wp + nb * KP * 32;
+            const uint16_t* wnext = nb + 2 < b1 ? wp + (nb + 2) * KP * 32 : nullptr;
+            const int nc = static_cast<int>(N - nb * 16 < 16 ? N - nb * 16 : 16);
+            for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {
+                const int mr = static_cast<int>(M - m0 < GEMM_MR ? M - m0 : GEMM_MR);
+                tiles[mr - 1](x + m0 * x_row, x_row, wb, m0 == 0 ? wnext : nullptr, KP, bias ? bias + nb * 16 : nullptr,
+                              res ? res + m0 * r_row + nb * 16 : nullptr, r_row, y + m0 * y_row + nb * 16, y_row, nc);
+            }
+        }
+    }
+}
+#endif
 }  // namespace
 
 extern "C" {
@@ -788,7 +869,21 @@ int kl_rope_kv_bf16(const uint16_t* qkv, int64_t row, const uint16_t* cos, const
     return rope_kv(qkv, row, cos, sin, q, kc, vc, slots, N, H, Hkv, hd, S, threads);
 }
 
-int kl_abi_version() { return 8; }
+#if defined(__AVX512BF16__)
+int kl_has_gemm_bf16() { return 1; }
+void kl_pack_bf16(const uint16_t* w, int64_t N, int64_t K, uint16_t* out) { pack_bf16(w, N, K, out); }
+void kl_gemm_bf16(const uint16_t* x, int64_t x_row, const uint16_t* wp, int64_t N, int64_t K, const uint16_t* bias,
+                  const uint16_t* res, int64_t r_row, uint16_t* y, int64_t y_row, int64_t M, int threads) {
+    gemm_bf16(x, x_row, wp, N, K, bias, res, r_row, y, y_row, M, threads);
+}
+#else
+int kl_has_gemm_bf16() { return 0; }
+void kl_pack_bf16(const uint16_t*, int64_t, int64_t, uint16_t*) {}
+void kl_gemm_bf16(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, const uint16_t*, const uint16_t*,
+                  int64_t, uint16_t*, int64_t, int64_t, int) {}
+#endif
+
+int kl_abi_version() { return 9; }
 int kl_vector_lanes() { return VL; }
 
 }

@@ -275,6 +275,88 @@ def test_rope_kv_refuses_what_it_cannot_write():
         cpu_kernels.rope_kv(qkv, cos.bfloat16(), sin, 4, 2, kc, vc, torch.tensor([1, 2]))
 
 
+needs_bf16_gemm = pytest.mark.skipif(not cpu_kernels.has_gemm_bf16(), reason="no AVX512-BF16 on this CPU / build")
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (5, 70, 32), (16, 963, 576), (17, 40, 1536), (40, 33, 64)])
+def test_bf16_gemm_is_the_float64_product_rounded_once(m, n, k):
+    """x W^T + bias + residual against float64 on the same bfloat16 inputs: within one bfloat16
+    rounding of the exact value (a wrong pair order, column block or row stride is off by O(1));
+    x and the residual as strided rows, N not a multiple of 16, M past the 16-row tile."""
+    g = torch.Generator().manual_seed(m * n + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(m, k + 6, generator=g).bfloat16()[:, 3:3 + k]
+    bias = torch.randn(n, generator=g).bfloat16()
+    res = torch.randn(m, n + 2, generator=g).bfloat16()[:, :n]
+    lin = cpu_kernels.Bf16Linear(w)
+    exact = x.double() @ w.double().T + bias.double() + res.double()
+    got = lin(x, bias, res)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    err = (got.double() - exact).abs()
+    assert (err <= exact.abs() * 2 ** -8 + 1e-3 * k ** 0.5 * 2 ** -8).all(), err.max()
+    plain = lin(x)
+    torch.testing.assert_close(plain.double(), x.double() @ w.double().T, rtol=2 ** -8, atol=1e-2)
+
+
+@needs_bf16_gemm
+def test_bf16_gemm_gives_a_row_the_same_bits_alone_and_in_a_batch():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(300, 576, generator=g).bfloat16()
+    x = torch.randn(37, 576, generator=g).bfloat16()
+    lin = cpu_kernels.Bf16Linear(w)
+    full = lin(x)
+    for i in (0, 15, 16, 36):
+        assert torch.equal(lin(x[i:i + 1])[0], full[i])
+    assert torch.equal(lin(x[16:32]), full[16:32])
+
+
+@needs_bf16_gemm
+def test_bf16_gemm_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="even width"):
+        cpu_kernels.Bf16Linear(torch.randn(4, 5).bfloat16())
+    with pytest.raises(ValueError, match="bfloat16"):
+        cpu_kernels.Bf16Linear(torch.randn(4, 6))
+    lin = cpu_kernels.Bf16Linear(torch.randn(4, 6).bfloat16())
+    with pytest.raises(ValueError, match="x must be"):
+        lin(torch.randn(2, 6))
+    with pytest.raises(ValueError, match="residual must be"):
+        lin(torch.randn(2, 6).bfloat16(), residual=torch.randn(2, 3).bfloat16())
+    with pytest.raises(ValueError, match="bias must be"):
+        lin(torch.randn(2, 6).bfloat16(), bias=torch.randn(3).bfloat16())
+    assert lin(torch.randn(0, 6).bfloat16()).shape == (0, 4)
+
+
+@needs_bf16_gemm
+def test_a_bf16_engine_decodes_through_its_own_gemm_and_stays_near_onednns(tmp_path, monkeypatch):
+    """At decode's few rows a bfloat16 engine's GEMMs (every projection and the head) run on
+    `Bf16Linear`; its greedy tokens and log-probabilities stay within bfloat16's rounding of the
+    oneDNN path's (`KILOLORA_BF16_GEMM=0`)."""
+    from tests.helpers import make_tiny_model
+
+    make_tiny_model(tmp_path, seed=8)
+    calls = []
+    orig = cpu_kernels.Bf16Linear.__call__
+    monkeypatch.setattr(cpu_kernels.Bf16Linear, "__call__", lambda self, *a: calls.append(self.n) or orig(self, *a))
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True)
+    prompts = [[5, 9, 3, 17], [8, 2], [30, 31, 4, 4, 9]]
+
+    def run(env):
+        monkeypatch.setenv("KILOLORA_BF16_GEMM", env)
+        e = Engine.from_pretrained(tmp_path, dtype=torch.bfloat16, kv_cache_tokens=256, block_size=4)
+        outs = e.generate(prompts, params=params)
+        return [o.token_ids for o in outs], torch.tensor([[t.logprob for t in o.logprobs] for o in outs])
+
+    tok_own, lp_own = run("1")
+    n_layers = 2
+    assert len(calls) == 6 * (4 * n_layers + 1)  # 6 forwards (11 prompt rows, then 3): 4 groups a layer and the head
+    calls.clear()
+    tok_dnn, lp_dnn = run("0")
+    assert not calls
+    assert [t[0] for t in tok_own] == [t[0] for t in tok_dnn]
+    assert (lp_own[:, 0] - lp_dnn[:, 0]).abs().max() < 0.1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bank_expand_rounds_as_torch_and_keeps_nan_and_inf(dtype):
     """y's update rounds once to y's dtype as torch's `y.float() + d` then `.to(dtype)` does, in
