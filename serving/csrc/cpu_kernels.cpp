@@ -788,6 +788,44 @@ inline void gemm_tile(const uint16_t* x, int64_t x_row, const uint16_t* wb, cons
     }
 }
 
+// Two column blocks at a time for bigger batches: 12 rows x 32 columns, 24 sums in registers, 2
+// weight loads and 12 broadcasts per 24 dot products (the 16 x 16 tile: 1 and 16 per 16).
+template <int MR>
+inline void gemm_tile2(const uint16_t* x, int64_t x_row, const uint16_t* wb, const uint16_t* wb2, int64_t KP,
+                       const uint16_t* bias, const uint16_t* res, int64_t r_row, uint16_t* y, int64_t y_row, int nc2) {
+    __m512 acc[MR][2];
+    for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < KP; ++p) {
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wb + p * 32);
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512(wb2 + p * 32);
+        for (int m = 0; m < MR; ++m) {
+            int32_t pair;
+            std::memcpy(&pair, x + m * x_row + 2 * p, 4);
+            const __m512bh xb = (__m512bh)_mm512_set1_epi32(pair);
+            acc[m][0] = _mm512_dpbf16_ps(acc[m][0], xb, w0);
+            acc[m][1] = _mm512_dpbf16_ps(acc[m][1], xb, w1);
+        }
+    }
+    for (int h = 0; h < 2; ++h) {
+        const int nc = h == 0 ? 16 : nc2;
+        const __mmask16 mask = static_cast<__mmask16>((1u << nc) - 1u);
+        const __m512 b = bias ? load16_masked(bias + 16 * h, mask) : _mm512_setzero_ps();
+        for (int m = 0; m < MR; ++m) {
+            __m512 v = _mm512_add_ps(acc[m][h], b);
+            if (res) v = _mm512_add_ps(v, load16_masked(res + m * r_row + 16 * h, mask));
+            const __m512i r = _mm512_srli_epi32(_mm512_castps_si512(round16(v)), 16);
+            _mm256_mask_storeu_epi16(y + m * y_row + 16 * h, mask, _mm512_cvtepi32_epi16(r));
+        }
+    }
+}
+constexpr int GEMM_MR2 = 12;
+using GemmTile2 = void (*)(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*,
+                           const uint16_t*, int64_t, uint16_t*, int64_t, int);
+template <int... I>
+constexpr std::array<GemmTile2, sizeof...(I)> gemm_tiles2(std::integer_sequence<int, I...>) {
+    return {gemm_tile2<I + 1>...};
+}
+
 using GemmTile = void (*)(const uint16_t*, int64_t, const uint16_t*, const uint16_t*, int64_t, const uint16_t*,
                           const uint16_t*, int64_t, uint16_t*, int64_t, int);
 template <int... I>
@@ -798,7 +836,37 @@ constexpr std::array<GemmTile, sizeof...(I)> gemm_tiles(std::integer_sequence<in
 void gemm_bf16(const uint16_t* x, int64_t x_row, const uint16_t* wp, int64_t N, int64_t K, const uint16_t* bias,
                const uint16_t* res, int64_t r_row, uint16_t* y, int64_t y_row, int64_t M, int threads) {
     static constexpr auto tiles = gemm_tiles(std::make_integer_sequence<int, GEMM_MR>{});
+    static constexpr auto tiles2 = gemm_tiles2(std::make_integer_sequence<int, GEMM_MR2>{});
     const int64_t KP = K / 2, NB = (N + 15) / 16;
+    if (M > GEMM_MR) {  // pairs of column blocks, 12 rows at a time (a last odd block alone)
+        const int64_t NP = (NB + 1) / 2;
+#pragma omp parallel num_threads(threads)
+        {
+            const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
+            for (int64_t pb = NP * tid / nt; pb < NP * (tid + 1) / nt; ++pb) {
+                const int64_t nb = 2 * pb;
+                const uint16_t* wb = wp + nb * KP * 32;
+                if (nb + 1 < NB) {
+                    const int nc2 = static_cast<int>(N - (nb + 1) * 16 < 16 ? N - (nb + 1) * 16 : 16);
+                    for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR2) {
+                        const int mr = static_cast<int>(M - m0 < GEMM_MR2 ? M - m0 : GEMM_MR2);
+                        tiles2[mr - 1](x + m0 * x_row, x_row, wb, wb + KP * 32, KP, bias ? bias + nb * 16 : nullptr,
+                                       res ? res + m0 * r_row + nb * 16 : nullptr, r_row, y + m0 * y_row + nb * 16,
+                                       y_row, nc2);
+                    }
+                } else {
+                    const int nc = static_cast<int>(N - nb * 16);
+                    for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {
+                        const int mr = static_cast<int>(M - m0 < GEMM_MR ? M - m0 : GEMM_MR);
+                        tiles[mr - 1](x + m0 * x_row, x_row, wb, nullptr, KP, bias ? bias + nb * 16 : nullptr,
+                                      res ? res + m0 * r_row + nb * 16 : nullptr, r_row, y + m0 * y_row + nb * 16,
+                                      y_row, nc);
+                    }
+                }
+            }
+        }
+        return;
+    }
 #pragma omp parallel num_threads(threads)
     {
         const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
